@@ -1,0 +1,32 @@
+# Two commands set everything up: `make demo` and `make test`. Each creates .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+
+.PHONY: demo test test-fast bench lint clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job end to end on the built-in procedural car set
+	$(BIN)/python -m clipdiff.pipeline $(ARGS)
+
+test: $(STAMP)  ## the whole test suite (CPU, ~10 minutes on 2 cores)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)  ## skip the tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)  ## speed claims as side-by-side ratios, written to outputs/bench/
+	$(BIN)/python -m clipdiff.bench $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check clipdiff tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,96 @@
+"""Packed image cache: every view decoded once into a uint8 memory-mapped array per split and size.
+
+A cache file is keyed by the image size and by the path, size and modification time of every input PNG, so it
+is rebuilt exactly when its inputs change. It is written to a temporary file and renamed into place, so an
+interrupted build leaves nothing half-written. Unreadable or empty PNGs are skipped: their slot stays white,
+they are marked invalid in the cache's metadata, listed once in a warning, and left out of the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from clipdiff.errors import ClipdiffError
+from clipdiff.data.srn import load_image
+from clipdiff.utils.io import atomic_open
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cache_key(paths: Sequence[Path], size: int) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class PackedImages:
+    """``images[i]`` is the uint8 HWC array of ``paths[i]`` at ``size``×``size``; ``valid[i]`` says it decoded."""
+
+    def __init__(self, paths: Sequence[Path], size: int, cache_dir: str | Path, name: str, progress: bool = True):
+        self.paths = [Path(p) for p in paths]
+        self.size = size
+        key = cache_key(self.paths, size)
+        cache_dir = Path(cache_dir)
+        self.file = cache_dir / f"{name}-{size}px-{key}.npy"
+        self.meta_file = self.file.with_suffix(".json")
+        if not (self.file.exists() and self.meta_file.exists()):
+            self._build(progress)
+        self.images = np.load(self.file, mmap_mode="r")
+        meta = json.loads(self.meta_file.read_text())
+        self.valid = np.ones(len(self.paths), dtype=bool)
+        self.valid[meta["invalid"]] = False
+        if self.images.shape != (len(self.paths), size, size, 3):
+            raise ClipdiffError(f"{self.file}: cache has shape {self.images.shape}; delete it to rebuild")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _build(self, progress: bool) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        n, s = len(self.paths), self.size
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+        invalid: list[int] = []
+
+        def decode(i: int) -> tuple[int, np.ndarray | None]:
+            try:
+                return i, load_image(self.paths[i], s)
+            except ClipdiffError:
+                return i, None
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                it = pool.map(decode, range(n), chunksize=64)
+                for i, img in tqdm(it, total=n, desc=f"caching {self.file.stem}", disable=not progress, leave=False):
+                    if img is None:
+                        invalid.append(i)
+                        arr[i] = 255
+                    else:
+                        arr[i] = img
+            arr.flush()
+            del arr
+            os.replace(tmp, self.file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if invalid:
+            log.warning(
+                "skipped %d unreadable or empty image(s), e.g. %s (listed in %s)",
+                len(invalid), ", ".join(str(self.paths[i]) for i in invalid[:3]), self.meta_file,
+            )
+        with atomic_open(self.meta_file, "w") as f:
+            json.dump({"size": s, "count": n, "invalid": invalid,
+                       "invalid_paths": [str(self.paths[i]) for i in invalid]}, f)

@@ -1,0 +1,208 @@
+"""``CarsDataModule``: the one LightningDataModule shared by the CLIP, noisy-CLIP, DDPM and judge models.
+
+A batch is a dict::
+
+    image    float32 [B, 3, H, W] in [0, 1]   (each model does its own normalisation)
+    caption  int64 [B]  caption id in :attr:`CarsDataModule.vocab`
+    object   int64 [B]  object index within the split
+    view     int64 [B]  view index within the object's (selected) views
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from clipdiff.data.cache import PackedImages
+from clipdiff.data.captions import load_split_labels
+from clipdiff.data.sampler import DistinctCaptionBatchSampler
+from clipdiff.data.srn import SrnObject, check_root, load_image, scan_split
+from clipdiff.data.vocab import Vocabulary
+from clipdiff.errors import ClipdiffError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+
+@dataclass
+class SplitIndex:
+    """Flat per-image index of one split."""
+
+    name: str
+    objects: list[SrnObject]
+    captions: list[str]  # per object
+    paths: list[Path]  # per image
+    object_index: np.ndarray  # per image
+    view_index: np.ndarray  # per image
+
+    @classmethod
+    def build(cls, name: str, objects: list[SrnObject], captions: dict[str, str]) -> "SplitIndex":
+        paths, obj, view = [], [], []
+        for i, o in enumerate(objects):
+            paths += o.views
+            obj += [i] * len(o.views)
+            view += range(len(o.views))
+        return cls(name, objects, [captions[o.object_id] for o in objects], paths,
+                   np.asarray(obj, dtype=np.int64), np.asarray(view, dtype=np.int64))
+
+
+class CarsImages(Dataset):
+    """Images of one split, read from the packed cache (default) or decoded from the PNG files."""
+
+    def __init__(self, index: SplitIndex, vocab: Vocabulary, image_size: int, cache_dir: str | Path | None,
+                 progress: bool = True):
+        self.index = index
+        self.image_size = image_size
+        self.object_caption = np.asarray([vocab.index(c) for c in index.captions], dtype=np.int64)
+        self.packed = None
+        keep = np.arange(len(index.paths))
+        if cache_dir is not None:
+            self.packed = PackedImages(index.paths, image_size, cache_dir, name=index.name, progress=progress)
+            keep = np.flatnonzero(self.packed.valid)
+        self.rows = keep
+        self.caption_ids = self.object_caption[index.object_index[keep]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_array(self, i: int) -> np.ndarray:
+        row = self.rows[i]
+        if self.packed is not None:
+            return np.asarray(self.packed.images[row])
+        return load_image(self.index.paths[row], self.image_size)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        img = torch.from_numpy(self.image_array(i).copy()).permute(2, 0, 1).float().div_(255.0)
+        return {
+            "image": img,
+            "caption": int(self.caption_ids[i]),
+            "object": int(self.index.object_index[row]),
+            "view": int(self.index.view_index[row]),
+        }
+
+
+class CarsDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        captions: str | None = None,
+        splits: dict[str, str] | None = None,
+        image_size: int = 32,
+        views_per_object: int | None = None,
+        eval_views_per_object: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        sampler: str = "random",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        pin_memory: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if sampler not in ("random", "distinct_caption"):
+            raise ClipdiffError(f"data.sampler={sampler!r}: choose 'random' or 'distinct_caption'")
+        self.splits = dict(splits or {"train": "cars_train", "val": "cars_val", "test": "cars_test"})
+        unknown = set(self.splits) - set(STAGES)
+        if unknown:
+            raise ClipdiffError(f"data.splits has unknown stage(s) {sorted(unknown)}; use train, val, test")
+        self.captions_path = captions if captions is not None else str(Path(root) / "cars_text")
+        self.vocab: Vocabulary | None = None
+        self.indices: dict[str, SplitIndex] = {}
+        self.datasets: dict[str, CarsImages] = {}
+
+    # -- indexing ----------------------------------------------------------------------------------------------
+    def index(self) -> dict[str, SplitIndex]:
+        """Scan the split folders and join their labels (cheap; memoised)."""
+        if not self.indices:
+            hp = self.hparams
+            root = check_root(hp.root)
+            objects = {}
+            for stage, split in self.splits.items():
+                views = hp.views_per_object if stage == "train" else (hp.eval_views_per_object or hp.views_per_object)
+                objects[stage] = scan_split(root, split, views)
+            labels = load_split_labels(
+                self.captions_path, {self.splits[s]: [o.object_id for o in objs] for s, objs in objects.items()}
+            )
+            self.vocab = Vocabulary(c for table in labels.values() for c in table.values())
+            self.indices = {s: SplitIndex.build(self.splits[s], objs, labels[self.splits[s]]) for s, objs in objects.items()}
+        return self.indices
+
+    def _dataset(self, stage: str) -> CarsImages:
+        if stage not in self.datasets:
+            idx = self.index()
+            if stage not in idx:
+                raise ClipdiffError(f"data.splits has no '{stage}' split (have: {', '.join(idx)})")
+            hp = self.hparams
+            cache_dir = (hp.cache_dir or str(Path(hp.root) / ".cache")) if hp.cache else None
+            self.datasets[stage] = CarsImages(idx[stage], self.vocab, hp.image_size, cache_dir, progress=hp.progress)
+        return self.datasets[stage]
+
+    def prepare_data(self) -> None:
+        for stage in self.splits:
+            self._dataset(stage)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for s in wanted.get(stage, tuple(self.splits)) if stage else tuple(self.splits):
+            if s in self.splits:
+                self._dataset(s)
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def _dist(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def _loader(self, ds: Dataset, **kw) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(ds, num_workers=hp.num_workers, pin_memory=hp.pin_memory,
+                          persistent_workers=hp.num_workers > 0, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        ds, hp = self._dataset("train"), self.hparams
+        world, rank = self._dist()
+        if hp.sampler == "distinct_caption":
+            bs = DistinctCaptionBatchSampler(ds.caption_ids, hp.batch_size, world, rank, hp.seed)
+            return self._loader(ds, batch_sampler=bs)
+        if world > 1:
+            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
+        else:
+            sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(hp.seed))
+        return self._loader(ds, sampler=sampler, batch_size=hp.batch_size, drop_last=len(ds) >= hp.batch_size)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        ds, hp = self._dataset(stage), self.hparams
+        world, rank = self._dist()
+        sampler = DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        return self._loader(ds, sampler=sampler, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # -- reporting ---------------------------------------------------------------------------------------------
+    def statistics(self) -> dict[str, Any]:
+        """Objects, images and caption counts per split."""
+        out: dict[str, Any] = {"vocabulary": len(self.vocab) if self.vocab else None}
+        for stage, idx in self.index().items():
+            counts = Counter(idx.captions)
+            out[stage] = {"split": idx.name, "objects": len(idx.objects), "images": len(idx.paths),
+                          "captions": dict(counts.most_common())}
+        out["vocabulary"] = len(self.vocab)
+        return out

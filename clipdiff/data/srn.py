@@ -1,0 +1,128 @@
+"""Reader for the SRN ShapeNet-cars layout, shared by the real data and the procedural set.
+
+::
+
+    ROOT/cars_train/<object_id>/rgb/000000.png …      views of one object (RGB or RGBA on white)
+    ROOT/cars_train/<object_id>/pose/000000.txt …     4×4 camera-to-world (16 numbers), optional here
+    ROOT/cars_train/<object_id>/intrinsics.txt        optional here
+    ROOT/cars_val/…  ROOT/cars_test/…
+
+Object folders are listed in sorted order; nothing depends on directory order. A folder without any
+``rgb/*.png`` is skipped with a warning (real downloads sometimes carry stray folders).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from clipdiff.errors import ClipdiffError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png",)
+
+
+@dataclass
+class SrnObject:
+    object_id: str
+    path: Path
+    views: list[Path] = field(default_factory=list)
+
+
+def check_root(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ClipdiffError(
+            f"data.root={root} does not exist: render the procedural set with `python -m clipdiff.render "
+            f"out_dir={root}` or point data.root at a folder holding cars_train/ (SRN layout)"
+        )
+    return root
+
+
+def available_splits(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_split(root: str | Path, split: str, views_per_object: int | None = None) -> list[SrnObject]:
+    """List the objects of one split with their view images (all, or ``views_per_object`` evenly spaced)."""
+    root = check_root(root)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise ClipdiffError(
+            f"split folder {split_dir} is missing (found: {', '.join(available_splits(root)) or 'nothing'}); "
+            f"check data.root or data.splits"
+        )
+    objects: list[SrnObject] = []
+    empty: list[str] = []
+    for obj_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        rgb = obj_dir / "rgb"
+        views = sorted(p for p in rgb.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if rgb.is_dir() else []
+        if not views:
+            empty.append(obj_dir.name)
+            continue
+        objects.append(SrnObject(obj_dir.name, obj_dir, select_views(views, views_per_object)))
+    if empty:
+        log.warning(
+            "%s: skipped %d object folder(s) without rgb/*.png images, e.g. %s",
+            split_dir, len(empty), ", ".join(empty[:3]),
+        )
+    if not objects:
+        raise ClipdiffError(f"split folder {split_dir} holds no object folder with rgb/*.png images")
+    return objects
+
+
+def select_views(views: list[Path], k: int | None) -> list[Path]:
+    """``k`` views spread evenly over the sorted list (all when k is None or too large)."""
+    if k is None or k >= len(views):
+        return list(views)
+    if k < 1:
+        raise ClipdiffError(f"data.views_per_object={k} must be a positive number of views, or null for all")
+    idx = np.linspace(0, len(views), num=k, endpoint=False).astype(int)
+    return [views[i] for i in idx]
+
+
+def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Decode one view as uint8 HWC RGB; transparent pixels go onto white; optional square resize.
+
+    Raises ClipdiffError naming the file when it is empty or not a readable image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size, (255, 255, 255))
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else f"unreadable image ({e})"
+        raise ClipdiffError(f"{path}: {reason}; delete or replace it (the packed cache skips such files)") from None
+
+
+def read_pose(path: str | Path) -> np.ndarray:
+    """A 4×4 camera-to-world matrix from an SRN pose file."""
+    values = np.loadtxt(path, dtype=np.float64).reshape(-1)
+    if values.size != 16:
+        raise ClipdiffError(f"{path}: expected 16 numbers (a 4×4 camera-to-world matrix), found {values.size}")
+    return values.reshape(4, 4)
+
+
+def read_intrinsics(path: str | Path) -> dict[str, float]:
+    """SRN ``intrinsics.txt``: ``f cx cy 0.`` / ``0. 0. 0.`` / ``1.`` / ``H W``."""
+    lines = Path(path).read_text().split("\n")
+    try:
+        f, cx, cy = (float(v) for v in lines[0].split()[:3])
+        h, w = (int(float(v)) for v in lines[3].split()[:2])
+    except (IndexError, ValueError):
+        raise ClipdiffError(f"{path}: not an SRN intrinsics file ('f cx cy 0.' … 'H W')") from None
+    return {"focal": f, "cx": cx, "cy": cy, "height": h, "width": w}

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny datasets made by the project itself, and the real configs composed with tiny overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+COLOURS = {"red": (200, 30, 30), "blue": (30, 40, 200), "white": (235, 235, 235), "green": (30, 170, 40)}
+
+
+def write_srn(root: Path, objects: dict[str, dict[str, str]], views: int = 3, size: int = 16) -> Path:
+    """A minimal SRN-layout dataset: {split: {object_id: caption}} with flat-coloured squares as views.
+
+    For reader and cache tests that must control every file; model tests use the procedural renderer.
+    """
+    for split, table in objects.items():
+        for oid, caption in table.items():
+            colour = COLOURS[caption.split()[1]]
+            for v in range(views):
+                arr = np.full((size, size, 3), 255, np.uint8)
+                arr[2 + v : size - 2, 3 : size - 3] = colour
+                path = root / split / oid / "rgb" / f"{v:06d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(path)
+        lines = ["object_id\tcaption"] + [f"{o}\t{c}" for o, c in table.items()]
+        (root / "cars_text").mkdir(parents=True, exist_ok=True)
+        (root / "cars_text" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def flat_root(tmp_path: Path) -> Path:
+    return write_srn(
+        tmp_path / "flat",
+        {
+            "cars_train": {"a1": "a red car", "a2": "a blue car", "a3": "a white car", "a4": "a white car",
+                           "a5": "a green jeep/bus", "a6": "a red car"},
+            "cars_val": {"b1": "a red car", "b2": "a white car"},
+            "cars_test": {"c1": "a blue car"},
+        },
+    )
