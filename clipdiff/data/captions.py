@@ -23,6 +23,12 @@ REQUIRED = ("object_id", "caption")
 
 
 def read_caption_file(path: str | Path) -> dict[str, str]:
+    """object_id → caption; every caption must parse (see :func:`clipdiff.data.vocab.parse_caption`)."""
+    return {oid: cap for oid, (cap, _) in read_caption_table(path).items()}
+
+
+def read_caption_table(path: str | Path) -> dict[str, tuple[str, str | None]]:
+    """object_id → (caption, split or None when the file has no ``split`` column)."""
     path = Path(path)
     if not path.is_file():
         raise ClipdiffError(f"caption file {path} does not exist: run `python -m clipdiff.label` or set data.captions")
@@ -33,18 +39,19 @@ def read_caption_file(path: str | Path) -> dict[str, str]:
             raise ClipdiffError(
                 f"{path}: header lacks column(s) {', '.join(missing)} (expected a TSV with 'object_id<TAB>caption')"
             )
-        out: dict[str, str] = {}
+        has_split = "split" in (reader.fieldnames or [])
+        out: dict[str, tuple[str, str | None]] = {}
         for lineno, row in enumerate(reader, start=2):
             oid, cap = (row["object_id"] or "").strip(), (row["caption"] or "").strip()
             if not oid or not cap:
                 raise ClipdiffError(f"{path}:{lineno}: empty object_id or caption")
-            if oid in out and out[oid] != cap:
-                raise ClipdiffError(f"{path}:{lineno}: object {oid} has two captions ({out[oid]!r}, {cap!r})")
+            if oid in out and out[oid][0] != cap:
+                raise ClipdiffError(f"{path}:{lineno}: object {oid} has two captions ({out[oid][0]!r}, {cap!r})")
             try:
                 parse_caption(cap)
             except ClipdiffError as e:
                 raise ClipdiffError(f"{path}:{lineno}: {e}") from None
-            out[oid] = cap
+            out[oid] = (cap, (row["split"] or "").strip() or None if has_split else None)
     if not out:
         raise ClipdiffError(f"{path}: no rows below the header")
     return out
@@ -60,20 +67,21 @@ def load_split_labels(captions: str | Path, objects_by_split: Mapping[str, Itera
     """Labels for each split, checked against the objects on disk.
 
     Every object must have a caption; a per-split file may not name objects missing from its split, and a
-    single shared file may not name objects missing from every split.
+    single shared file may not name objects missing from every loaded split (rows whose ``split`` column names
+    a split that is not loaded are ignored).
     """
     objects_by_split = {s: list(ids) for s, ids in objects_by_split.items()}
     all_ids = {oid for ids in objects_by_split.values() for oid in ids}
-    loaded: dict[Path, dict[str, str]] = {}
+    loaded: dict[Path, dict[str, tuple[str, str | None]]] = {}
     out: dict[str, dict[str, str]] = {}
     for split, ids in objects_by_split.items():
         path = caption_file_for(captions, split)
         if path not in loaded:
-            loaded[path] = read_caption_file(path)
+            loaded[path] = read_caption_table(path)
         table = loaded[path]
-        shared = sum(1 for s in objects_by_split if caption_file_for(captions, s) == path) > 1
+        shared = caption_file_for(captions, split) == caption_file_for(captions, "")
         known = all_ids if shared else set(ids)
-        unknown = [oid for oid in table if oid not in known]
+        unknown = [oid for oid, (_, sp) in table.items() if oid not in known and (sp is None or sp in objects_by_split)]
         if unknown:
             raise ClipdiffError(
                 f"{path}: {len(unknown)} object id(s) not found under data.root "
@@ -85,7 +93,7 @@ def load_split_labels(captions: str | Path, objects_by_split: Mapping[str, Itera
                 f"{path}: {len(unlabelled)} object(s) of {split} have no caption, e.g. {', '.join(unlabelled[:3])}; "
                 f"label them (python -m clipdiff.label) or remove the folders"
             )
-        out[split] = {oid: table[oid] for oid in ids}
+        out[split] = {oid: table[oid][0] for oid in ids}
     return out
 
 

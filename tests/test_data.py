@@ -1,0 +1,200 @@
+"""The data layer: SRN reading, caption join, vocabulary, packed cache, samplers, bad input."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipdiff.data.cache import PackedImages
+from clipdiff.data.captions import load_split_labels, read_caption_file
+from clipdiff.data.datamodule import CarsDataModule
+from clipdiff.data.sampler import DistinctCaptionBatchSampler
+from clipdiff.data.srn import load_image, scan_split, select_views
+from clipdiff.data.vocab import Vocabulary, caption_prior, parse_caption
+from clipdiff.errors import ClipdiffError
+
+
+def make_dm(root: Path, tmp_path: Path, **kw) -> CarsDataModule:
+    kw.setdefault("image_size", 8)
+    kw.setdefault("batch_size", 2)
+    dm = CarsDataModule(str(root), cache_dir=str(tmp_path / "cache"), progress=False, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_parse_caption_grammar():
+    c = parse_caption("a white and red jeep/bus")
+    assert c.colours == ("white", "red") and c.body_type == "jeep/bus" and c.colour == "white and red"
+    assert parse_caption("a black open car").body_type == "open car"
+    for bad in ("red car", "a purple car", "a red boat", "a red and blue and green car"):
+        with pytest.raises(ClipdiffError):
+            parse_caption(bad)
+
+
+def test_embedded_prior_is_the_original_vocabulary():
+    prior = caption_prior()
+    assert len(prior) == 43 and sum(prior.values()) == 2151
+    assert max(prior, key=prior.get) == "a white car"
+    for cap in prior:
+        parse_caption(cap)
+
+
+def test_vocabulary_ids_ignore_order():
+    a = Vocabulary(["a red car", "a white car", "a blue van"])
+    b = Vocabulary(["a blue van", "a white car", "a red car", "a red car"])
+    assert a == b and a.index("a red car") == b.index("a red car")
+    assert a.colour_names()[a.colour_ids()[a.index("a blue van")]] == "blue"
+    with pytest.raises(ClipdiffError, match="not in the vocabulary"):
+        a.index("a green car")
+
+
+def test_layout_and_caption_join(flat_root: Path, tmp_path: Path):
+    dm = make_dm(flat_root, tmp_path)
+    idx = dm.index()
+    assert [o.object_id for o in idx["train"].objects] == ["a1", "a2", "a3", "a4", "a5", "a6"]
+    assert len(idx["train"].paths) == 18 and idx["val"].captions == ["a red car", "a white car"]
+    assert dm.vocab.captions == sorted({"a red car", "a blue car", "a white car", "a green jeep/bus"})
+    ds = dm.datasets["train"]
+    item = ds[4]  # object a2, view 1
+    assert item["object"] == 1 and item["view"] == 1 and dm.vocab.captions[item["caption"]] == "a blue car"
+    assert item["image"].shape == (3, 8, 8) and 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "caption", "object", "view"} and batch["image"].shape == (2, 3, 8, 8)
+
+
+def test_caption_rows_are_joined_by_id_not_line_order(flat_root: Path, tmp_path: Path):
+    f = flat_root / "cars_text" / "cars_train.tsv"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")
+    dm = make_dm(flat_root, tmp_path)
+    assert dm.index()["train"].captions[1] == "a blue car"  # a2 is still blue
+
+
+def test_views_per_object_subset(flat_root: Path, tmp_path: Path):
+    dm = make_dm(flat_root, tmp_path, views_per_object=2, eval_views_per_object=1)
+    idx = dm.index()
+    assert len(idx["train"].paths) == 12 and len(idx["val"].paths) == 2
+    assert [p.name for p in select_views([Path(f"{i:06d}.png") for i in range(250)], 4)] == [
+        "000000.png", "000062.png", "000125.png", "000187.png"]
+
+
+def test_cache_equals_png_decoding(flat_root: Path, tmp_path: Path):
+    objs = scan_split(flat_root, "cars_train")
+    paths = [p for o in objs for p in o.views]
+    packed = PackedImages(paths, 12, tmp_path / "c", "t", progress=False)
+    for i, p in enumerate(paths):
+        np.testing.assert_array_equal(packed.images[i], load_image(p, 12))
+    assert packed.valid.all()
+    again = PackedImages(paths, 12, tmp_path / "c", "t", progress=False)
+    assert again.file == packed.file  # reused, not rebuilt
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(paths[0])  # an input changes → new cache
+    assert PackedImages(paths, 12, tmp_path / "c", "t", progress=False).file != packed.file
+
+
+def test_png_and_cache_datasets_agree(flat_root: Path, tmp_path: Path):
+    cached = make_dm(flat_root, tmp_path).datasets["train"]
+    png = CarsDataModule(str(flat_root), image_size=8, cache=False, progress=False)
+    png.setup("fit")
+    for i in (0, 7, 17):
+        assert (cached[i]["image"] == png.datasets["train"][i]["image"]).all()
+
+
+def test_distinct_caption_sampler_never_repeats_and_covers_everything():
+    captions = [0] * 50 + [1] * 10 + [2] * 5 + [3] * 3 + [4]
+    sampler = DistinctCaptionBatchSampler(captions, batch_size=4, seed=3)
+    seen = set()
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            assert len(batch) == 4 and len({captions[i] for i in batch}) == 4
+            seen.update(batch)
+    assert seen == set(range(len(captions)))
+
+
+def test_distinct_caption_sampler_shards_ranks_disjointly():
+    captions = np.repeat(np.arange(6), 20)
+    ranks = [list(DistinctCaptionBatchSampler(captions, 3, num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
+    whole = list(DistinctCaptionBatchSampler(captions, 3, seed=0, batches_per_epoch=len(captions) // 3))
+    assert len(ranks[0]) == len(ranks[1]) == len(whole) // 2
+    assert ranks[0] == whole[0::2] and ranks[1] == whole[1::2]
+
+
+def test_distinct_caption_sampler_rejects_batches_larger_than_vocabulary():
+    with pytest.raises(ClipdiffError, match="batch_size=5"):
+        DistinctCaptionBatchSampler([0, 1, 2, 0], batch_size=5)
+
+
+def test_datamodule_distinct_caption_loader(flat_root: Path, tmp_path: Path):
+    dm = make_dm(flat_root, tmp_path, sampler="distinct_caption", batch_size=3)
+    for batch in dm.train_dataloader():
+        caps = batch["caption"].tolist()
+        assert len(set(caps)) == len(caps) == 3
+
+
+# -- bad input: one clear line naming the path -------------------------------------------------------------------
+
+def test_missing_root_and_split(tmp_path: Path, flat_root: Path):
+    with pytest.raises(ClipdiffError, match="does not exist"):
+        make_dm(tmp_path / "nope", tmp_path)
+    with pytest.raises(ClipdiffError, match="cars_val.*missing"):
+        make_dm(flat_root, tmp_path, splits={"train": "cars_train", "val": "cars_val2"})
+
+
+def test_object_folder_without_images_is_skipped(flat_root: Path, tmp_path: Path, caplog):
+    (flat_root / "cars_train" / "zz_empty" / "rgb").mkdir(parents=True)
+    dm = make_dm(flat_root, tmp_path)
+    assert "zz_empty" not in [o.object_id for o in dm.index()["train"].objects]
+    assert "without rgb/*.png" in caplog.text and "zz_empty" in caplog.text
+
+
+def test_corrupt_and_empty_pngs_are_skipped_by_the_cache_and_named(flat_root: Path, tmp_path: Path, caplog):
+    bad = flat_root / "cars_train" / "a1" / "rgb" / "000001.png"
+    bad.write_bytes(b"not a png")
+    (flat_root / "cars_train" / "a2" / "rgb" / "000000.png").write_bytes(b"")
+    dm = make_dm(flat_root, tmp_path)
+    assert len(dm.datasets["train"]) == 16 and "skipped 2 unreadable" in caplog.text
+    with pytest.raises(ClipdiffError, match=r"000001\.png: unreadable"):
+        load_image(bad)
+    png = CarsDataModule(str(flat_root), image_size=8, cache=False, progress=False)
+    png.setup("fit")
+    with pytest.raises(ClipdiffError, match="empty file"):
+        png.datasets["train"][3]
+
+
+def test_caption_file_problems(flat_root: Path, tmp_path: Path):
+    f = flat_root / "cars_text" / "cars_train.tsv"
+    good = f.read_text()
+    f.write_text(good + "ghost\ta red car\n")
+    with pytest.raises(ClipdiffError, match="not found under data.root.*ghost"):
+        make_dm(flat_root, tmp_path)
+    f.write_text("\n".join(good.splitlines()[:3]) + "\n")
+    with pytest.raises(ClipdiffError, match="have no caption, e.g. a3"):
+        make_dm(flat_root, tmp_path)
+    f.write_text(good.replace("a blue car", "a purple car"))
+    with pytest.raises(ClipdiffError, match="cars_train.tsv:3: .*unknown colour"):
+        make_dm(flat_root, tmp_path)
+    f.write_text("id\tlabel\na1\ta red car\n")
+    with pytest.raises(ClipdiffError, match="lacks column"):
+        read_caption_file(f)
+
+
+def test_single_shared_label_file(flat_root: Path, tmp_path: Path):
+    rows = ["object_id\tsplit\tcaption"]
+    for split in ("cars_train", "cars_val", "cars_test"):
+        for line in (flat_root / "cars_text" / f"{split}.tsv").read_text().splitlines()[1:]:
+            oid, cap = line.split("\t")
+            rows.append(f"{oid}\t{split}\t{cap}")
+    shared = tmp_path / "gt.tsv"
+    shared.write_text("\n".join(rows) + "\n")
+    train_ids = [f"a{i}" for i in range(1, 7)]
+    labels = load_split_labels(shared, {"cars_train": train_ids, "cars_val": ["b1", "b2"]})  # test rows ignored
+    assert labels["cars_val"] == {"b1": "a red car", "b2": "a white car"}
+    with pytest.raises(ClipdiffError, match="not found under data.root"):
+        load_split_labels(shared, {"cars_train": train_ids[:-1], "cars_val": ["b1", "b2"]})
+    dm = make_dm(flat_root, tmp_path, captions=str(shared))
+    assert Counter(dm.index()["train"].captions)["a white car"] == 2
