@@ -1,0 +1,108 @@
+"""The main job, end to end: ``python -m clipdiff.pipeline`` (what ``make demo`` runs).
+
+Each stage is the documented command of one step (``python -m clipdiff.<command> …``) run as a subprocess,
+so the pipeline's log shows exactly what to type to redo a step by hand. Stage outputs live under
+``pipeline.workdir`` (default ``outputs/demo``); a stage that finished with the same command before is reused,
+and an interrupted training stage resumes from its ``last.ckpt``. The run directory of the pipeline itself
+holds the log, the dataset statistics, the contact sheet and the report; ``outputs/latest_demo`` points at it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from clipdiff.errors import ClipdiffError
+from clipdiff.utils.cli import hydra_entry, run_dir
+from clipdiff.utils.io import atomic_open
+
+log = logging.getLogger("clipdiff.pipeline")
+
+MARKER = "stage.json"
+
+
+def stage_command(stage: DictConfig, stage_dir: Path) -> list[str]:
+    args = [str(a) for a in stage.get("args", [])]
+    if stage.get("hydra_run_dir", True):
+        args.append(f"hydra.run.dir={stage_dir}")
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if stage.command == "train" and last.is_file() and not (stage_dir / MARKER).is_file():
+        args.append(f"ckpt_path={last}")  # an interrupted training stage continues where it stopped
+    return [sys.executable, "-m", f"clipdiff.{stage.command}", *args]
+
+
+def run_stage(name: str, stage: DictConfig, workdir: Path) -> Path:
+    stage_dir = workdir / name
+    marker = stage_dir / MARKER
+    cmd = stage_command(stage, stage_dir)
+    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+    if marker.is_file() and json.loads(marker.read_text()).get("args") == [str(a) for a in stage.get("args", [])]:
+        log.info("[%s] reused %s", name, stage_dir)
+        return stage_dir
+    log.info("[%s] %s", name, shown)
+    t0 = time.time()
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise ClipdiffError(f"stage '{name}' failed (exit {proc.returncode}); rerun the pipeline to continue, or run: {shown}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(marker, "w") as f:
+        json.dump({"args": [str(a) for a in stage.get("args", [])], "command": shown,
+                   "seconds": round(time.time() - t0, 1)}, f, indent=1)
+    log.info("[%s] done in %.0f s", name, time.time() - t0)
+    return stage_dir
+
+
+def data_report(cfg: DictConfig, out: Path) -> None:
+    """Dataset statistics and the contact sheet, written into the pipeline's run directory."""
+    from hydra.utils import instantiate
+
+    from clipdiff.data.preview import contact_sheet, format_statistics
+
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    stats = dm.statistics()
+    with atomic_open(out / "dataset_statistics.json", "w") as f:
+        json.dump(stats, f, indent=1)
+    log.info("dataset %s\n%s", cfg.data.root, format_statistics(stats))
+    sheet = contact_sheet(dm._dataset("train"), out / "contact_sheet.png", seed=cfg.seed)
+    log.info("contact sheet: %s", sheet)
+
+
+def point_latest(link: Path, target: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.resolve(), target_is_directory=True)
+    os.replace(tmp, link)
+
+
+@hydra_entry("pipeline")
+def main(cfg: DictConfig) -> None:
+    out = run_dir()
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    only = set(cfg.only) if cfg.get("only") else None
+    t0 = time.time()
+    for name, stage in cfg.stages.items():
+        if only and name not in only:
+            continue
+        if stage.command == "data_report":
+            data_report(cfg, out)
+        else:
+            run_stage(name, stage, workdir)
+    point_latest(Path(cfg.paths.output_dir) / "latest_demo", out)
+    log.info("pipeline finished in %.0f s", time.time() - t0)
+    print(f"run directory: {out}")
+    print(f"latest demo:   {Path(cfg.paths.output_dir) / 'latest_demo'}")
+    OmegaConf.save(cfg, out / "pipeline.yaml")
+
+
+if __name__ == "__main__":
+    main()
