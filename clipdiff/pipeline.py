@@ -29,8 +29,25 @@ log = logging.getLogger("clipdiff.pipeline")
 MARKER = "stage.json"
 
 
+def override_value(value) -> str:
+    """A config value written as a Hydra command-line override value."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def stage_args(stage: DictConfig) -> list[str]:
+    """``stages.<name>.args`` (a mapping ``key: value``) as ``key=value`` overrides."""
+    args = OmegaConf.to_container(stage.get("args") or {}, resolve=True)
+    return [f"{k}={override_value(v)}" for k, v in args.items()]
+
+
 def stage_command(stage: DictConfig, stage_dir: Path) -> list[str]:
-    args = [str(a) for a in stage.get("args", [])]
+    args = stage_args(stage)
     if stage.get("hydra_run_dir", True):
         args.append(f"hydra.run.dir={stage_dir}")
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -44,7 +61,7 @@ def run_stage(name: str, stage: DictConfig, workdir: Path) -> Path:
     marker = stage_dir / MARKER
     cmd = stage_command(stage, stage_dir)
     shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
-    if marker.is_file() and json.loads(marker.read_text()).get("args") == [str(a) for a in stage.get("args", [])]:
+    if marker.is_file() and json.loads(marker.read_text()).get("args") == stage_args(stage):
         log.info("[%s] reused %s", name, stage_dir)
         return stage_dir
     log.info("[%s] %s", name, shown)
@@ -54,7 +71,7 @@ def run_stage(name: str, stage: DictConfig, workdir: Path) -> Path:
         raise ClipdiffError(f"stage '{name}' failed (exit {proc.returncode}); rerun the pipeline to continue, or run: {shown}")
     stage_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(marker, "w") as f:
-        json.dump({"args": [str(a) for a in stage.get("args", [])], "command": shown,
+        json.dump({"args": stage_args(stage), "command": shown,
                    "seconds": round(time.time() - t0, 1)}, f, indent=1)
     log.info("[%s] done in %.0f s", name, time.time() - t0)
     return stage_dir

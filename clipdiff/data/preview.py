@@ -8,11 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from clipdiff.data.datamodule import CarsImages
+from clipdiff.data.srn import load_image
 from clipdiff.utils.images import labelled_rows, save_png
 
 
-def contact_sheet(ds: CarsImages, path: str | Path, per_class: int = 8, cell: int = 64, seed: int = 0) -> Path:
-    """Save a PNG with one row per caption (most frequent first), each showing different objects."""
+def contact_sheet(ds: CarsImages, path: str | Path, per_class: int = 8, cell: int = 96, seed: int = 0) -> Path:
+    """Save a PNG with one row per caption (most frequent first), each showing different objects.
+
+    Views are decoded from their PNG files at ``cell`` pixels, not taken from the (small) training cache.
+    """
     rng = np.random.default_rng(seed)
     idx = ds.index
     by_caption: dict[str, list[int]] = {}
@@ -26,7 +30,8 @@ def contact_sheet(ds: CarsImages, path: str | Path, per_class: int = 8, cell: in
     for cap, _ in counts.most_common():
         objs = [o for o in by_caption[cap] if o in first_row_of_object]
         chosen = rng.permutation(objs)[:per_class]
-        imgs = [ds.image_array(int(rng.choice(first_row_of_object[int(o)]))) for o in chosen]
+        picks = [ds.rows[int(rng.choice(first_row_of_object[int(o)]))] for o in chosen]
+        imgs = [load_image(idx.paths[r], cell) for r in picks]
         if imgs:
             rows.append((f"{cap} ({counts[cap]})", np.stack(imgs)))
     return save_png(labelled_rows(rows, cell), path)

@@ -31,7 +31,7 @@ def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 
     return Image.fromarray(canvas)
 
 
-def labelled_rows(rows: Sequence[tuple[str, np.ndarray]], cell: int, label_width: int = 190, pad: int = 2) -> Image.Image:
+def labelled_rows(rows: Sequence[tuple[str, np.ndarray]], cell: int, label_width: int = 150, pad: int = 2) -> Image.Image:
     """One row per (label, uint8 NHWC images); rows may hold different numbers of images."""
     ncol = max((len(imgs) for _, imgs in rows), default=1)
     cell_h = cell + pad
