@@ -26,7 +26,9 @@ NOT_MODULE_ARGS = ("monitor",)  # model-group keys read by callbacks, not passed
 
 def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
     """Instantiate the model group; modules that take ``vocabulary`` get the DataModule's captions."""
-    args = OmegaConf.masked_copy(model_cfg, [k for k in model_cfg if k not in NOT_MODULE_ARGS])
+    # resolve first: a detached copy could not follow interpolations into other groups (${data.image_size})
+    resolved = OmegaConf.to_container(model_cfg, resolve=True)
+    args = {k: v for k, v in resolved.items() if k not in NOT_MODULE_ARGS}
     cls = get_class(model_cfg._target_)
     extra: dict[str, Any] = {}
     if "vocabulary" in inspect.signature(cls.__init__).parameters:
