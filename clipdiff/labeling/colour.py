@@ -1,4 +1,17 @@
-"""Car/background segmentation and paint colour naming from several views (numpy only, vectorised)."""
+"""Car/background segmentation and paint colour naming from several views (numpy only, vectorised).
+
+* :func:`car_mask`: the car's pixels on a white background with a soft grey ground shadow — background is the
+  light, neutral region connected to the image border; flat light faces (white paint) are kept, the blurred
+  shadow gradient is not.
+* :func:`classify_pixels`: tinted glass, dark (tyres, wells, grilles, black paint), achromatic paint (white,
+  grey), the four paint hues, other. Hub caps inside tyres and the silhouette's anti-aliased rim are left out
+  of the paint statistics.
+* :class:`ColourEvidence`: counts over the views of one object, overall and in a lower and an upper band of
+  every image column (cameras are upright: the lower body is at the bottom of each column), brightness
+  histograms of achromatic paint, and dark pixels under the lowest paint (a black lower body).
+* :func:`colour_costs`: a cost for every colouring (one colour, or a dominant colour with accents of a
+  second), used by :mod:`clipdiff.labeling.labeller` together with the body-type likelihood.
+"""
 
 from __future__ import annotations
 
@@ -134,9 +147,8 @@ def classify_colours(rgb: np.ndarray) -> np.ndarray:
 
 
 TYRE_LIKE = (BG, GLASS, DARK, OTHER)  # not paint: what may sit below the body between the wheels
-
-
 PAINT_CLASSES = (ACHRO, RED, YELLOW, GREEN, BLUE)
+VBINS = 40  # value histogram bins of achromatic paint
 
 
 def _near(mask: np.ndarray, r: int, axis: int, forward: bool) -> np.ndarray:
@@ -168,7 +180,6 @@ def mask_hubs(classes: np.ndarray, r: int | None = None) -> np.ndarray:
     out = classes.copy()
     out[enclosed] = OTHER
     return out
-VBINS = 40  # value histogram bins of achromatic paint
 
 
 @dataclass
@@ -187,7 +198,6 @@ class ColourEvidence:
     upper_v: np.ndarray = field(default_factory=lambda: np.zeros(VBINS))
     all_v: np.ndarray = field(default_factory=lambda: np.zeros(VBINS))
     dark_below: float = 0.0  # Σ over columns of dark / (dark + paint) below the lowest paint pixel
-    dark_above: float = 0.0  # the same above the highest paint pixel
     columns: int = 0
     views: int = 0
 
@@ -208,21 +218,17 @@ class ColourEvidence:
         self.upper += np.bincount(classes[upper], minlength=9)[:9]
         for band, hist in ((lower, self.lower_v), (upper, self.upper_v), (achro, self.all_v)):
             hist += np.bincount(v[band & achro].astype(np.int64), minlength=VBINS)[:VBINS]
-        # dark paint: a black lower body shows as dark pixels below the lowest paint of every column (not
-        # only of the wheel columns), a black upper body as dark pixels above the highest paint
+        # black paint: a black lower body shows as dark pixels below the lowest paint of every column (not
+        # only of the wheel columns)
         dark = classes == DARK
         cols = total >= 4
         if cols.any():
             h = classes.shape[0]
             lowest = h - 1 - np.argmax(paint[::-1], axis=0)
-            highest = np.argmax(paint, axis=0)
             below = np.cumsum(dark[::-1], axis=0, dtype=np.int32)[::-1]  # dark at or below each row
-            above = np.cumsum(dark, axis=0, dtype=np.int32)  # dark at or above each row
             idx = np.arange(classes.shape[1])
             d_below = np.where(lowest + 1 < h, below[np.minimum(lowest + 1, h - 1), idx], 0)
-            d_above = np.where(highest > 0, above[np.maximum(highest - 1, 0), idx], 0)
             self.dark_below += float((d_below / (d_below + total + 1e-9))[cols].sum())
-            self.dark_above += float((d_above / (d_above + total + 1e-9))[cols].sum())
             self.columns += int(cols.sum())
         self.views += 1
 
