@@ -1,0 +1,102 @@
+"""The batched sampling loop (DDIM or DDPM) with a guidance hook.
+
+Guidance contract — ``cond_fn(x_t, t, eps, index) -> eps``:
+
+- ``x_t``   float [B, 3, H, W], the current noisy images in [-1, 1] scale (no grad; a guide that needs
+  ``grad_x`` does ``with torch.enable_grad(): x = x_t.detach().requires_grad_()`` itself);
+- ``t``     int, the timestep on the training scale (0 … num_train_timesteps-1), as the noisy CLIP was trained;
+- ``eps``   float [B, 3, H, W], the model's predicted noise (v-prediction models are converted to eps first);
+- ``index`` int64 [B], which of the ``num_samples`` images this batch holds (for per-sample targets);
+- returns the modified eps, e.g. ``eps - s·sqrt(1-abar_t)·grad log p(y|x_t)`` (``abar`` from
+  ``scheduler.alphas_cumprod``; :func:`clipdiff.diffusion.schedule.predict_x0` gives x0_hat).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from clipdiff.diffusion.schedule import from_eps, to_eps
+
+log = logging.getLogger(__name__)
+
+CondFn = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    scheduler,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    steps: int = 50,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    cond_fn: CondFn | None = None,
+    eta: float = 0.0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Draw ``num_samples`` images with ``scheduler`` (a DDIM/DDPM scheduler from
+    :func:`clipdiff.diffusion.schedule.sampling_scheduler`); returns float [N, 3, H, W] in [0, 1] on the CPU.
+
+    All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seed gives the same images for
+    the same ``batch_size`` on any device.
+    """
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    size = image_size or unet.config.sample_size
+    channels = unet.config.in_channels
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    pred_type = scheduler.config.prediction_type
+    abar = scheduler.alphas_cumprod
+    step_kw = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    noise = torch.randn((num_samples, channels, size, size), generator=generator)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        x = noise[start : start + batch_size].to(device, dtype)
+        index = torch.arange(start, start + x.shape[0], device=device)
+        for t in tqdm(timesteps, desc=f"sampling {start + x.shape[0]}/{num_samples}", disable=not progress,
+                      leave=False):
+            model_out = unet(x, t).sample
+            if cond_fn is not None:
+                eps = cond_fn(x, t, to_eps(model_out, x, t, abar, pred_type), index)
+                model_out = from_eps(eps, x, t, abar, pred_type)
+            x = scheduler.step(model_out, t, x, generator=generator, **step_kw).prev_sample
+        out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)
+
+
+def save_samples(images: torch.Tensor, out_dir: str | Path, nrow: int = 8, grid_name: str = "grid.png",
+                 individual: bool = True) -> Path:
+    """Write ``grid.png`` and (optionally) ``samples/000000.png …`` into ``out_dir``; never overwrites a file."""
+    from torchvision.utils import make_grid
+
+    out_dir = Path(out_dir)
+    grid_path = out_dir / grid_name
+    if grid_path.exists():
+        raise FileExistsError(f"{grid_path} exists; sampling never overwrites a run's images")
+    if individual:
+        for i, img in enumerate(images):
+            save_png(img, out_dir / "samples" / f"{i:06d}.png")
+    save_png(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), grid_path)
+    return grid_path
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """One float [3, H, W] image in [0, 1] → PNG, written atomically."""
+    from PIL import Image
+
+    from clipdiff.utils.io import atomic_open
+
+    arr = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(arr).save(f, format="PNG")
+    return Path(path)
