@@ -57,7 +57,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).is_file():
         raise ClipdiffError(f"ckpt_path={ckpt_path} does not exist (give a checkpoint file, or 'last' to resume)")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # our own checkpoints hold hyperparameters such as optimizer partials: trusted, so not weights-only
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
