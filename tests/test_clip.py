@@ -195,3 +195,23 @@ def test_optimiser_groups_and_schedule():
         sched.step()
     assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1.0)
     assert lrs[10] > lrs[50] > lrs[99] and lrs[99] < 0.01
+
+
+def test_frozen_text_tower_is_left_out_of_the_optimiser():
+    module = ClipModule(VOCAB, freeze_text=True)
+    model = module.clip.model
+    assert not model.token_embedding.weight.requires_grad and not model.text_projection.requires_grad
+    assert model.visual.conv1.weight.requires_grad and model.logit_scale.requires_grad
+    trained = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert id(model.token_embedding.weight) not in trained and id(model.visual.conv1.weight) in trained
+
+
+def test_vitb32_preset_inherits_the_clip_config():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["model=clip_vitb32", "callbacks=early_stopping"])
+    assert cfg.model._target_ == "clipdiff.models.clip_module.ClipModule"
+    assert cfg.model.model_name == "ViT-B-32" and cfg.model.optimizer.lr == 1e-5
+    assert cfg.model.monitor.metric == "val/acc_caption" and cfg.model.scheduler is not None
+    assert cfg.callbacks.early_stopping.monitor == "val/acc_caption"
+    assert cfg.callbacks.model_checkpoint.mode == "max"
+    assert open_clip.get_model_config("ViT-B-32")["vision_cfg"]["image_size"] == 224

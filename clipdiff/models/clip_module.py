@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -61,7 +62,8 @@ class ClipModule(L.LightningModule):
         self.test_metrics = ZeroShotMetrics(vocabulary, prefix="test/")
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # noqa: D102 - weights come from the ckpt
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's loader, without re-reading ``pretrained`` (the weights come from the checkpoint)."""
         kwargs.setdefault("pretrained", None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 

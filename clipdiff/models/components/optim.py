@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,11 +25,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float | int = 0.05,
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05,
                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to ``min_lr_ratio`` × lr; ``warmup`` < 1 is a fraction of the steps."""
     total = max(1, int(total_steps))
-    warm = int(round(warmup * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    warm = round(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
     warm = min(warm, total - 1) if total > 1 else 0
 
     def factor(step: int) -> float:
