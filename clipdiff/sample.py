@@ -1,5 +1,8 @@
 """Sample images from a trained DDPM: ``python -m clipdiff.sample ddpm_ckpt=RUN/export.pt sampler=ddim sampler.steps=50``.
 
+Guided: ``… guidance=noisy_clip|clip guide_ckpt=GUIDE/export.pt prompt="a red car" guidance.scale=4`` (the guides and
+their checks are in :mod:`clipdiff.diffusion.guidance`).
+
 Writes ``grid.png``, ``samples/NNNNNN.png`` and ``sample.json`` (what was run) into this run's new directory.
 """
 
@@ -11,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clipdiff.diffusion.guidance import instantiate_guidance
 from clipdiff.diffusion.sampling import CondFn, sample, save_samples
 from clipdiff.diffusion.schedule import sampling_scheduler
 from clipdiff.errors import ClipdiffError
@@ -34,12 +37,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_guidance(cfg: DictConfig, schedule: dict, num_samples: int, device: torch.device) -> CondFn | None:
+def build_guidance(cfg: DictConfig, schedule: dict, num_samples: int, device: torch.device, *,
+                   targets: str | list[str] | None = None, scheduler: Any = None, unet: Any = None,
+                   image_size: int | None = None) -> CondFn | None:
+    """The guidance config's factory called with the DDPM's schedule, the sampler, the UNet and the targets
+    (one prompt or one caption per sample); None for ``guidance=none``."""
     if cfg is None or "_target_" not in cfg:
         if cfg is not None and cfg.get("name", "none") != "none":
             raise ClipdiffError(f"guidance={cfg.name} has no _target_ (a factory returning a cond_fn)")
         return None
-    return instantiate(cfg, schedule=schedule, num_samples=num_samples, device=device, _convert_="all")
+    return instantiate_guidance(cfg, schedule=schedule, num_samples=num_samples, device=device, targets=targets,
+                                scheduler=scheduler, unet=unet, image_size=image_size)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -52,13 +60,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unet, schedule = load_ddpm(cfg.ddpm_ckpt, key="ddpm_ckpt", device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k not in SAMPLER_ONLY}
     scheduler = sampling_scheduler(schedule, cfg.sampler.name, **overrides)
-    cond_fn = build_guidance(cfg.get("guidance"), schedule, cfg.num_samples, device)
+    prompt = cfg.get("prompt")
+    if prompt is not None and cfg.get("guidance", {}).get("_target_") is None:
+        log.warning("prompt=%r is ignored: unguided sampling (guidance=clip or guidance=noisy_clip steers)", prompt)
+    cond_fn = build_guidance(cfg.get("guidance"), schedule, cfg.num_samples, device, targets=prompt,
+                             scheduler=scheduler, unet=unet, image_size=int(unet.config.sample_size))
     images = sample(unet, scheduler, cfg.num_samples, generator=torch.Generator().manual_seed(int(cfg.seed)),
                     steps=int(cfg.sampler.steps), batch_size=int(cfg.batch_size), cond_fn=cond_fn,
                     eta=float(cfg.sampler.get("eta", 0.0)), progress=bool(cfg.progress))
     grid = save_samples(images, out_dir, nrow=int(cfg.grid_nrow))
     info = {"ddpm_ckpt": str(cfg.ddpm_ckpt), "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
             "guidance": OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None,
+            "prompt": prompt,
             "num_samples": int(cfg.num_samples), "batch_size": int(cfg.batch_size), "seed": int(cfg.seed),
             "schedule": schedule, "grid": str(grid)}
     with atomic_open(out_dir / "sample.json", "w") as f:

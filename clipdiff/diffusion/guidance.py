@@ -1,0 +1,333 @@
+"""CLIP guidance for the sampling loop: guides (what scores an image) and cond_fn factories (how a score steers).
+
+Factories (the ``_target_`` of ``conf/guidance/*.yaml``) are called by ``python -m clipdiff.sample`` and
+``python -m clipdiff.evaluate`` as ``factory(**cfg, schedule=…, num_samples=N, device=…, image_size=…,
+targets=…, scheduler=…, unet=…)`` and return a cond_fn for :func:`clipdiff.diffusion.sampling.sample`
+(``None`` for ``guidance=none``). ``targets`` is one caption or one caption per sample (read through ``index``).
+
+The math, with ``ā_t = alphas_cumprod[t]`` and ``g = ∇_{x_t} log p(y | x_t)`` (summed over the batch, so each
+sample gets the gradient of its own score):
+
+- **score** (``form``): ``classifier`` = ``log_softmax(logits)[y]`` over the guide's captions (stops pushing once
+  p(y)→1; default), ``dot`` = ``logits[y]`` = ``logit_scale · cos(f(x), T_y)`` (GLIDE-style, unbounded).
+- **guides**: ``clip`` — the clean CLIP on ``x0_hat = (x_t − sqrt(1−ā_t)·eps)/sqrt(ā_t)`` mapped to [0, 1]
+  (straight-through clamp: clamped forward, identity backward) and resized/normalised by the ClipClassifier.
+  By default ``eps`` is the sampler's prediction, held constant (dx0_hat/dx_t = 1/sqrt(ā_t); one CLIP
+  forward+backward per guided step); ``grad_through_eps: true`` re-runs the UNet with gradients (exact, ~3× dearer).
+  ``noisy_clip`` — the noisy CLIP directly on ``(x_t, t)`` (no UNet in the gradient).
+- **gradient hygiene**: NaN/inf entries set to 0, then each sample's gradient RMS clamped to ``grad_clip``.
+- **application** (``mode``): ``eps`` = ``eps − s·sqrt(1−ā_t)·g`` (works for DDIM and DDPM);
+  ``mean_shift`` (ancestral DDPM only) = ``μ + s·σ_t²·g`` written as the equivalent eps change
+  ``eps − s·σ_t²·sqrt(α_t)·sqrt(1−ā_t)/β_t · g`` (α_t, β_t between this step and the previous one; exact while the
+  scheduler's x0 clamp is inactive).
+- **prompts** outside a guide's vocabulary (``free_text: warn``, the default): the prompt's text embedding is
+  appended to the guide's captions with a warning, so the classifier form scores it against the vocabulary and
+  the dot form uses it alone. The clean CLIP always has a text tower; a noisy CLIP needs one (``encode_text`` or
+  ``clip.encode_text``), else such a prompt is an error. ``free_text: error`` makes it an error for both.
+- **when**: the step ``i`` of ``n`` (0 = noisiest) is guided iff ``start ≤ i/n < stop`` (``window``) and
+  ``(i − first) % every == 0``; with ``reuse_grad`` the skipped steps of the window reuse the last gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from clipdiff.diffusion.schedule import check_compatible, predict_x0, to_eps, train_scheduler
+from clipdiff.errors import ClipdiffError
+
+log = logging.getLogger(__name__)
+
+FORMS = ("classifier", "dot")
+MODES = ("eps", "mean_shift")
+
+
+# -- guides: [B, K] caption logits of x_t, differentiable w.r.t. x_t -------------------------------------------
+class CleanClipGuide(nn.Module):
+    """The clean CLIP on the predicted x_0. ``captions`` = the CLIP's vocabulary + appended free-text prompts."""
+
+    kind = "clip"
+
+    def __init__(self, clf: nn.Module, alphas_cumprod: torch.Tensor, extra_captions: Sequence[str] = (),
+                 unet: nn.Module | None = None, prediction_type: str = "epsilon"):
+        super().__init__()
+        self.clf = clf
+        self.captions = list(clf.vocabulary) + list(extra_captions)
+        self.unet, self.prediction_type = unet, prediction_type
+        self.register_buffer("abar", alphas_cumprod.float().clone(), persistent=False)
+        text = clf.get_text_features()
+        if extra_captions:
+            with torch.no_grad():
+                text = torch.cat([text, clf.encode_text(list(extra_captions)).to(text)])
+        self.register_buffer("text", text.detach(), persistent=False)
+
+    def image_logits(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.clf.logit_scale * self.clf.encode_image(x01) @ self.text.T
+
+    def logits(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        if self.unet is not None:  # gradients through the UNet's prediction as well
+            eps = to_eps(self.unet(x_t, t).sample, x_t, t, self.abar, self.prediction_type)
+        x0 = predict_x0(x_t, eps, t, self.abar)
+        x0 = x0 + (x0.clamp(-1, 1) - x0).detach()  # straight-through clamp
+        return self.image_logits((x0 + 1) / 2)
+
+    @torch.no_grad()
+    def final_logits(self, x01: torch.Tensor) -> torch.Tensor:
+        """Logits of finished samples (images in [0, 1]): the guide's own reading of its result."""
+        return self.image_logits(x01)
+
+
+class NoisyClipGuide(nn.Module):
+    """The noisy CLIP on (x_t, t). ``captions`` = its vocabulary + appended free-text prompts (only for a model
+    with a text tower: ``encode_text`` or ``clip.encode_text``, and ``logit_scale``)."""
+
+    kind = "noisy_clip"
+
+    def __init__(self, model: nn.Module, extra_captions: Sequence[str] = ()):
+        super().__init__()
+        self.model = model
+        self.captions = list(model.vocabulary) + list(extra_captions)
+        self.text = None
+        if extra_captions:
+            with torch.no_grad():
+                extra = text_encoder(model)(list(extra_captions))
+            self.text = torch.cat([model.text_features, extra.to(model.text_features)]).detach()
+
+    def logits(self, x_t: torch.Tensor, t: int, eps: torch.Tensor | None = None) -> torch.Tensor:
+        t_b = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
+        if self.text is None:
+            return self.model.logits(x_t, t_b)
+        return self.model.logit_scale * self.model.encode_image(x_t, t_b) @ self.text.to(x_t.device).T
+
+    @torch.no_grad()
+    def final_logits(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.logits(x01 * 2 - 1, 0)
+
+
+def text_encoder(model: nn.Module):
+    """The free-text encoder of a guide model (``encode_text`` or ``clip.encode_text``), or None."""
+    enc = getattr(model, "encode_text", None) or getattr(getattr(model, "clip", None), "encode_text", None)
+    return enc if enc is not None and hasattr(model, "logit_scale") else None
+
+
+def score(logits: torch.Tensor, target: torch.Tensor, form: str) -> torch.Tensor:
+    """Per-sample guidance score [B]: log p(y|x) (classifier) or the raw logit logit_scale·cos (dot)."""
+    if form == "classifier":
+        logits = logits.float().log_softmax(dim=1)
+    return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def clean_grad(grad: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
+    """NaN/inf → 0, then each sample's RMS clamped to ``grad_clip`` (None: no clamp)."""
+    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if grad_clip is not None:
+        rms = grad.flatten(1).pow(2).mean(dim=1).sqrt().view(-1, *([1] * (grad.ndim - 1)))
+        grad = grad * (float(grad_clip) / rms.clamp_min(1e-12)).clamp(max=1.0)
+    return grad
+
+
+# -- the cond_fn --------------------------------------------------------------------------------------------------
+class GuidedEps:
+    """``cond_fn(x_t, t, eps, index) -> eps`` of the sampling loop (see the module doc for the math)."""
+
+    def __init__(self, guide: nn.Module, targets: torch.Tensor, alphas_cumprod: torch.Tensor, scale: float,
+                 form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0), every: int = 1,
+                 reuse_grad: bool = False, grad_clip: float | None = None, scheduler: Any = None):
+        self.guide, self.targets, self.scale = guide, targets.long(), float(scale)
+        self.form, self.mode, self.every, self.reuse_grad, self.grad_clip = form, mode, int(every), bool(reuse_grad), grad_clip
+        self.window = (float(window[0]), float(window[1]))
+        self.abar = alphas_cumprod.float().cpu()
+        self.scheduler = scheduler
+        self.num_train = len(self.abar)
+        self._steps: tuple[list[int], dict[int, int]] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (index, grad) of the last guided step
+        self.guided_calls = 0
+
+    # which steps are guided
+    def step_position(self, t: int) -> tuple[int, int]:
+        """(i, n): this step's position in the sampler's timesteps (0 = noisiest); noise level when unknown."""
+        ts = getattr(self.scheduler, "timesteps", None)
+        if ts is not None and len(ts):
+            if self._steps is None or len(self._steps[0]) != len(ts) or self._steps[0][0] != int(ts[0]):
+                seq = [int(v) for v in ts]
+                self._steps = (seq, {v: i for i, v in enumerate(seq)})
+            if int(t) in self._steps[1]:
+                return self._steps[1][int(t)], len(self._steps[0])
+        return self.num_train - 1 - int(t), self.num_train
+
+    def in_window(self, t: int) -> tuple[bool, bool]:
+        """(inside the window, a step that computes a fresh gradient)."""
+        i, n = self.step_position(t)
+        start, stop = self.window
+        inside = start <= i / n < stop
+        return inside, inside and (i - math.ceil(start * n - 1e-9)) % self.every == 0
+
+    # the coefficient in front of g
+    def coefficient(self, t: int, like: torch.Tensor) -> torch.Tensor:
+        abar_t = self.abar[int(t)]
+        if self.mode == "eps":
+            c = (1 - abar_t).sqrt()
+        else:
+            prev = int(self.scheduler.previous_timestep(int(t)))
+            abar_prev = self.abar[prev] if prev >= 0 else torch.tensor(1.0)
+            alpha, beta = abar_t / abar_prev, 1 - abar_t / abar_prev
+            var = beta if self.scheduler.config.variance_type == "fixed_large" else beta * (1 - abar_prev) / (1 - abar_t)
+            c = var * alpha.sqrt() * (1 - abar_t).sqrt() / beta.clamp_min(1e-20)
+        return (self.scale * c).to(like.device, like.dtype)
+
+    def grad(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """∇_{x_t} of each sample's score (cleaned), float [B, 3, H, W]."""
+        target = self.targets.to(x_t.device)[index]
+        with torch.enable_grad():
+            x = x_t.detach().float().requires_grad_(True)
+            s = score(self.guide.logits(x, t, eps.detach().float()), target, self.form)
+            (g,) = torch.autograd.grad(s.sum(), x)
+        return clean_grad(g, self.grad_clip)
+
+    def __call__(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.scale == 0.0:
+            return eps
+        inside, fresh = self.in_window(t)
+        if not inside:
+            return eps
+        if fresh:
+            g = self.grad(x_t, t, eps, index)
+            self.guided_calls += 1
+            if self.reuse_grad:
+                self._last = (index.detach().clone(), g)
+        elif self.reuse_grad and self._last is not None and torch.equal(self._last[0], index):
+            g = self._last[1]
+        else:
+            return eps
+        return eps - self.coefficient(t, eps) * g.to(eps.dtype)
+
+
+# -- loading and composition checks -------------------------------------------------------------------------------
+def _load_noisy(path: str | Path, key: str) -> nn.Module:
+    try:
+        from clipdiff.models.components.noisy_clip import load_noisy_clip
+    except ImportError:
+        raise ClipdiffError("guidance=noisy_clip needs clipdiff.models.components.noisy_clip, which this "
+                            "installation lacks") from None
+    return load_noisy_clip(path, key=key)  # wrong kind / not an export: one line naming the key
+
+
+def _target_ids(targets: str | Sequence[str] | None, num_samples: int, captions: list[str], free_text: str,
+                what: str) -> tuple[torch.Tensor, list[str]]:
+    """Caption ids for each sample, plus the free-text prompts to append to ``captions``.
+
+    ``free_text``: ``warn`` (append with a warning), ``error``, or ``unsupported`` (the guide has no text tower)."""
+    if targets is None:
+        raise ClipdiffError(f"guidance needs a target: set prompt=\"a red car\" (one of the {what}'s "
+                            f"{len(captions)} captions)")
+    per_sample = [targets] * num_samples if isinstance(targets, str) else list(targets)
+    if len(per_sample) != num_samples:
+        raise ClipdiffError(f"guidance got {len(per_sample)} targets for {num_samples} samples")
+    extra: list[str] = []
+    for c in dict.fromkeys(per_sample):
+        if c in captions:
+            continue
+        if free_text != "warn":
+            why = ("it has no text tower to embed free text" if free_text == "unsupported"
+                   else "guidance.free_text=error")
+            raise ClipdiffError(
+                f"prompt {c!r} is not in the {what}'s vocabulary of {len(captions)} captions (e.g. "
+                f"{', '.join(repr(v) for v in captions[:3])}) and {why}; use a caption of the vocabulary")
+        log.warning("prompt %r is not in the %s's vocabulary: guiding with its free-text embedding, appended "
+                    "to the %d captions (classifier form: scored against them)", c, what, len(captions))
+        extra.append(c)
+    lookup = {c: i for i, c in enumerate(captions + extra)}
+    return torch.tensor([lookup[c] for c in per_sample], dtype=torch.long), extra
+
+
+def _check_settings(scale: float, form: str, mode: str, window: Sequence[float], every: int, scheduler: Any,
+                    free_text: str) -> None:
+    if free_text not in ("warn", "error"):
+        raise ClipdiffError(f"guidance.free_text={free_text!r}: choose warn or error")
+    if form not in FORMS:
+        raise ClipdiffError(f"guidance.form={form!r}: choose {' or '.join(FORMS)}")
+    if mode not in MODES:
+        raise ClipdiffError(f"guidance.mode={mode!r}: choose {' or '.join(MODES)}")
+    if mode == "mean_shift" and not isinstance(scheduler, DDPMScheduler):
+        raise ClipdiffError("guidance.mode=mean_shift shifts the ancestral DDPM mean: use sampler=ddpm "
+                            "(or guidance.mode=eps, which works with both samplers)")
+    if len(window) != 2 or not 0.0 <= float(window[0]) < float(window[1]) <= 1.0:
+        raise ClipdiffError(f"guidance.window={list(window)}: give [start, stop] fractions with 0 ≤ start < stop ≤ 1")
+    if int(every) < 1 or float(scale) < 0:
+        raise ClipdiffError(f"guidance.every={every} must be ≥ 1 and guidance.scale={scale} ≥ 0")
+
+
+def _abar(schedule: dict, scheduler: Any) -> torch.Tensor:
+    return (scheduler if scheduler is not None else train_scheduler(schedule)).alphas_cumprod
+
+
+def clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, schedule: dict, num_samples: int,
+                  device: str | torch.device = "cpu", targets: str | Sequence[str] | None = None,
+                  form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0), every: int = 1,
+                  reuse_grad: bool = False, grad_clip: float | None = 0.05, grad_through_eps: bool = False,
+                  free_text: str = "warn", scheduler: Any = None, unet: nn.Module | None = None,
+                  image_size: int | None = None, key: str = "guide_ckpt", name: str = "clip") -> GuidedEps:
+    """Clean-CLIP guidance through x0_hat (see the module doc). ``checkpoint``: a CLIP export or a loaded ClipClassifier."""
+    from clipdiff.models.components.clip import load_clip
+
+    _check_settings(scale, form, mode, window, every, scheduler, free_text)
+    if grad_through_eps and unet is None:
+        raise ClipdiffError("guidance.grad_through_eps=true needs the DDPM's UNet passed to the guidance factory")
+    clf = checkpoint if isinstance(checkpoint, nn.Module) else load_clip(checkpoint, key=key, device=device)
+    if image_size is not None and clf.image_size != image_size:
+        log.info("the clean CLIP reads %d px images; x0_hat (%d px) is resized for it", clf.image_size, image_size)
+    ids, extra = _target_ids(targets, num_samples, list(clf.vocabulary), free_text, "CLIP")
+    abar = _abar(schedule, scheduler)
+    pred_type = (scheduler.config if scheduler is not None else schedule).get("prediction_type", "epsilon")
+    guide = CleanClipGuide(clf, abar, extra, unet if grad_through_eps else None, pred_type).to(device)
+    return GuidedEps(guide, ids, abar, scale, form, mode, window, every, reuse_grad, grad_clip, scheduler)
+
+
+def noisy_clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, schedule: dict, num_samples: int,
+                        device: str | torch.device = "cpu", targets: str | Sequence[str] | None = None,
+                        form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0),
+                        every: int = 1, reuse_grad: bool = False, grad_clip: float | None = None,
+                        free_text: str = "warn", scheduler: Any = None, unet: nn.Module | None = None,
+                        image_size: int | None = None, key: str = "guide_ckpt", name: str = "noisy_clip") -> GuidedEps:
+    """Noisy-CLIP guidance on (x_t, t). Checks: export kind, noise schedule and image size against the DDPM."""
+    _check_settings(scale, form, mode, window, every, scheduler, free_text)
+    model = checkpoint if isinstance(checkpoint, nn.Module) else _load_noisy(checkpoint, key)
+    check_compatible(schedule, model.schedule, names=("ddpm_ckpt", key))
+    if image_size is not None and int(model.image_size) != int(image_size):
+        raise ClipdiffError(
+            f"{key}: the noisy CLIP reads {model.image_size} px x_t but the DDPM makes {image_size} px images; "
+            f"x_t cannot be resized without changing its noise, so train the noisy CLIP at data.image_size={image_size}")
+    model = model.to(device).eval().requires_grad_(False)
+    ids, extra = _target_ids(targets, num_samples, list(model.vocabulary),
+                             free_text if text_encoder(model) is not None else "unsupported", "noisy CLIP")
+    return GuidedEps(NoisyClipGuide(model, extra), ids, _abar(schedule, scheduler), scale, form, mode, window, every,
+                     reuse_grad, grad_clip, scheduler)
+
+
+def instantiate_guidance(node: Any, **kwargs: Any) -> GuidedEps | None:
+    """``hydra.utils.instantiate(node, **kwargs)`` of a guidance config; a ClipdiffError raised by the factory
+    stays a ClipdiffError (Hydra would wrap it), so the CLIs print it as one line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ClipdiffError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def no_guidance(**_: Any) -> None:
+    """``guidance=none``: no cond_fn."""
+    return

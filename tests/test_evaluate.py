@@ -1,0 +1,144 @@
+"""``python -m clipdiff.evaluate`` on tiny models: files, one row per method × caption × scale, shared noise, checks."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from PIL import Image
+from tiny_guides import FakeNoisyClip, clip_export, ddpm_export, judge_export
+
+from clipdiff import evaluate
+from clipdiff.diffusion import guidance
+from clipdiff.errors import ClipdiffError
+from clipdiff.eval.report import RESULT_COLUMNS, bootstrap_ci, slug
+from clipdiff.models.export import save_export
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CAPTIONS = ["a red car", "a green jeep/bus"]
+
+
+def compose_eval(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("evaluate", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import write_srn
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    root = write_srn(tmp / "flat", {
+        "cars_train": {"a1": "a red car", "a2": "a red car", "a3": "a green jeep/bus", "a4": "a white car",
+                       "a5": "a blue car", "a6": "a blue car"},
+        "cars_val": {"b1": "a red car"},
+    }, views=3)
+    noisy = save_export(tmp / "noisy.pt", "noisy_clip", config={}, state_dict={})  # its model: FakeNoisyClip
+    return {"root": root, "ddpm": ddpm_export(tmp / "ddpm.pt"), "clip": clip_export(tmp / "clip.pt"),
+            "judge": judge_export(tmp / "judge.pt"), "noisy": noisy, "tmp": tmp}
+
+
+def args(models, run_dir: Path, *extra: str) -> list[str]:
+    return [f"ddpm_ckpt={models['ddpm']}", f"clip_ckpt={models['clip']}", f"noisy_clip_ckpt={models['noisy']}",
+            f"judge_ckpt={models['judge']}", f"data.root={models['root']}", "data.cache=false",
+"sampler.steps=3", "num_per_caption=3",
+            "progress=false", "bootstrap=200", f"paths.run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluation(models, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setattr(guidance, "_load_noisy", lambda path, key: FakeNoisyClip())
+    try:
+        run_dir = tmp_path_factory.mktemp("eval_run")
+        cfg = compose_eval(args(models, run_dir, "scales=[1.0,4.0]", "guides.clip.scales=[0.0,4.0]",
+                                f"captions={CAPTIONS}".replace("'", '"'), "methods=[none,clip,noisy_clip]"))
+        return evaluate.run(cfg)
+    finally:
+        mp.undo()
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_results_csv_has_one_row_per_method_caption_scale(evaluation):
+    run_dir = evaluation["run_dir"]
+    rows = read_rows(run_dir / "results.csv")
+    assert set(RESULT_COLUMNS) <= set(rows[0])
+    keys = [(r["method"], r["caption"], float(r["scale"])) for r in rows]
+    expected = [(m, c, s) for m, scales in (("none", [0.0]), ("clip", [0.0, 4.0]), ("noisy_clip", [1.0, 4.0]))
+                for s in scales for c in CAPTIONS]
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
+    for r in rows:
+        assert int(r["n"]) == 3
+        for part in ("caption", "colour", "type"):
+            lo, acc, hi = (float(r[f"acc_{part}{s}"]) for s in ("_lo", "", "_hi"))
+            assert 0.0 <= lo <= acc <= hi <= 1.0
+        assert float(r["fd"]) >= 0.0 and r["kid"] != ""  # real images of both captions exist
+        assert (r["guide_acc"] == "") == (r["method"] == "none")
+
+
+def test_report_grids_plot_samples_and_wandb_on_disk(evaluation):
+    run_dir = evaluation["run_dir"]
+    report = (run_dir / "report.md").read_text()
+    assert "clip:" in report and "image tower" in report and "| noisy_clip | 4 |" in report
+    assert (run_dir / "summary.csv").is_file() and (run_dir / "accuracy_vs_scale.png").stat().st_size > 5000
+    for name in ("none_s0", "clip_s0", "clip_s4", "noisy_clip_s1", "noisy_clip_s4"):
+        grid = Image.open(run_dir / "grids" / f"{name}.png")
+        assert grid.size[1] >= 2 * 64  # a row per caption
+        assert f"grids/{name}.png" in report
+    folder = run_dir / "samples" / "noisy_clip" / "4" / slug("a green jeep/bus")
+    assert folder.name == "a_green_jeep-bus"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["0000.png", "0001.png", "0002.png"]
+    assert Image.open(folder / "0000.png").size == (8, 8)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "the wandb run is written (offline) into the run dir"
+
+
+def test_same_noise_for_every_method(evaluation):
+    """Scale 0 of a guided method reproduces the unguided samples exactly; a real scale changes them."""
+    samples = evaluation["run_dir"] / "samples"
+
+    def pngs(method, scale):
+        return [np.asarray(Image.open(p)) for p in sorted((samples / method / scale).rglob("*.png"))]
+
+    none, clip0, clip4 = pngs("none", "0"), pngs("clip", "0"), pngs("clip", "4")
+    assert len(none) == 6 and all((a == b).all() for a, b in zip(none, clip0))
+    assert any((a != b).any() for a, b in zip(none, clip4))
+
+
+def test_captions_outside_the_judge_vocabulary_and_bad_methods_are_one_line(models, tmp_path):
+    cfg = compose_eval(args(models, tmp_path / "a", 'captions=["a purple car"]', "methods=[none]"))
+    with pytest.raises(ClipdiffError, match=r"not in the judge's vocabulary"):
+        evaluate.run(cfg)
+    cfg = compose_eval(args(models, tmp_path / "b", "methods=[none,glide]"))
+    with pytest.raises(ClipdiffError, match=r"methods=\['none', 'glide'\]: choose from none, clip, noisy_clip"):
+        evaluate.run(cfg)
+
+
+def test_default_captions_are_the_most_frequent_training_labels(models, tmp_path):
+    cfg = compose_eval(args(models, tmp_path / "c", "num_captions=2", "methods=[none]", "wandb.enabled=false"))
+    result = evaluate.run(cfg)
+    assert sorted(r["caption"] for r in result["rows"]) == ["a blue car", "a red car"]  # 2 objects each, others 1
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
+    small = torch.tensor([1, 0] * 5, dtype=torch.bool)
+    big = torch.tensor([1, 0] * 500, dtype=torch.bool)
+    m, lo, hi = bootstrap_ci(small, seed=0)
+    m2, lo2, hi2 = bootstrap_ci(big, seed=0)
+    assert m == m2 == 0.5 and lo < 0.5 < hi and hi2 - lo2 < (hi - lo) / 3
+    assert bootstrap_ci(small, seed=0) == (m, lo, hi)
+    # pooled over captions: each caption's samples are resampled on their own (all red right, all green wrong)
+    assert bootstrap_ci(torch.tensor([1, 1, 1, 0, 0, 0]), seed=0, groups=2) == (0.5, 0.5, 0.5)

@@ -1,0 +1,237 @@
+"""Guidance: a step raises the guide's belief in the target, DDPM and DDIM agree, the window, the checks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_guides import LINEAR, SIZE, VOCAB, FakeNoisyClip, clip_export, ddpm_export, tiny_clip
+
+from clipdiff.diffusion import guidance
+from clipdiff.diffusion.guidance import clean_grad, clip_guidance, noisy_clip_guidance, score
+from clipdiff.diffusion.sampling import sample
+from clipdiff.diffusion.schedule import sampling_scheduler
+from clipdiff.errors import ClipdiffError
+from clipdiff.models.components.unet import load_ddpm
+
+TARGETS = ["a red car", "a blue car", "a green jeep/bus", "a white car"]
+
+
+def scheduler(name: str):
+    """The sampler without the x0 clamp: the untrained UNet's x0_hat lies far outside [-1, 1], and a clamped
+    pixel keeps only the eps term of the update (which moves against the guidance in DDIM)."""
+    return sampling_scheduler(LINEAR, name, clip_sample=False)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guidance")
+    return {"ddpm": ddpm_export(tmp / "ddpm.pt"), "clip": clip_export(tmp / "clip.pt")}
+
+
+@pytest.fixture(scope="module")
+def ddpm(exports):
+    return load_ddpm(exports["ddpm"])
+
+
+def make(kind: str, scheduler, scale: float = 1.0, **kw):
+    common = {"scale": scale, "schedule": LINEAR, "num_samples": len(TARGETS), "targets": TARGETS, "scheduler": scheduler,
+                  "image_size": SIZE}
+    if kind == "clip":
+        return clip_guidance(checkpoint=tiny_clip(), grad_clip=None, **common, **kw)
+    return noisy_clip_guidance(checkpoint=FakeNoisyClip(), **common, **kw)
+
+
+def one_step(unet, scheduler, x, t, cond=None, seed=0):
+    with torch.no_grad():
+        eps = unet(x, t).sample
+        if cond is not None:
+            eps = cond(x, t, eps, torch.arange(x.shape[0]))
+        return scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(seed))
+
+
+def log_p(cond, logits):
+    """The guide's score of the target: log p(y|x) (classifier form) or the target's logit (dot form)."""
+    return score(logits, cond.targets, cond.form)
+
+
+@pytest.mark.parametrize("form", ["classifier", "dot"])
+@pytest.mark.parametrize("kind", ["clip", "noisy_clip"])
+def test_a_guidance_step_raises_the_guides_probability_of_the_target(ddpm, kind, form):
+    unet, _ = ddpm
+    sched = scheduler("ddim")
+    sched.set_timesteps(10)
+    t, t_prev = int(sched.timesteps[5]), int(sched.timesteps[6])
+    x = torch.randn(len(TARGETS), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    cond = make(kind, sched, scale=0.5 if kind == "noisy_clip" else 0.05, form=form)
+    plain, guided = one_step(unet, sched, x, t), one_step(unet, sched, x, t, cond)
+    assert not torch.allclose(plain.prev_sample, guided.prev_sample)
+    with torch.no_grad():
+        if kind == "noisy_clip":  # the noisy guide reads the next x_t at the next timestep
+            before = log_p(cond, cond.guide.logits(plain.prev_sample, t_prev))
+            after = log_p(cond, cond.guide.logits(guided.prev_sample, t_prev))
+        else:  # the clean guide reads the predicted x_0 of this step
+            before = log_p(cond, cond.guide.final_logits((plain.pred_original_sample.clamp(-1, 1) + 1) / 2))
+            after = log_p(cond, cond.guide.final_logits((guided.pred_original_sample.clamp(-1, 1) + 1) / 2))
+    assert (after > before).all(), (before, after)
+
+
+@pytest.mark.parametrize("kind", ["clip", "noisy_clip"])
+def test_ddpm_and_ddim_guidance_point_the_same_way(ddpm, kind):
+    unet, _ = ddpm
+    x = torch.randn(len(TARGETS), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    updates = {}
+    for name, mode in (("ddim", "eps"), ("ddpm", "eps"), ("ddpm", "mean_shift")):
+        sched = scheduler(name)
+        sched.set_timesteps(10)
+        t = int(sched.timesteps[3])
+        cond = make(kind, sched, scale=1.0, mode=mode)
+        # the same ancestral noise for the guided and the unguided DDPM step: the difference is the guidance alone
+        updates[name, mode] = (one_step(unet, sched, x, t, cond).prev_sample - one_step(unet, sched, x, t).prev_sample).flatten(1)
+    cos = torch.nn.functional.cosine_similarity
+    assert (cos(updates["ddim", "eps"], updates["ddpm", "eps"]) > 0).all()
+    assert (cos(updates["ddpm", "mean_shift"], updates["ddpm", "eps"]) > 0.99).all()  # the same direction, other size
+    assert updates["ddim", "eps"].norm() > 0
+
+
+def test_window_every_and_reuse_choose_the_guided_steps(ddpm):
+    unet, _ = ddpm
+    sched = scheduler("ddim")
+    seen = {}
+    for reuse in (False, True):
+        cond = make("noisy_clip", sched, window=[0.5, 1.0], every=2, reuse_grad=reuse)
+        changed = []
+        orig = cond.__call__
+
+        def spy(x_t, t, eps, index, orig=orig, changed=changed):
+            out = orig(x_t, t, eps, index)
+            changed.append(not torch.equal(out, eps))
+            return out
+
+        sample(unet, sched, len(TARGETS), steps=10, cond_fn=spy, progress=False)
+        seen[reuse] = (cond.guided_calls, changed)
+    assert seen[False] == (3, [False] * 5 + [True, False, True, False, True])  # steps 5, 7, 9 of 0…9
+    assert seen[True] == (3, [False] * 5 + [True] * 5)
+
+
+def test_gradient_hygiene_zeroes_nans_and_clamps_each_samples_rms():
+    g = torch.ones(2, 3, 4, 4)
+    g[0] *= 10.0
+    g[1, 0, 0, 0] = float("nan")
+    out = clean_grad(g, 2.0)
+    assert not out.isnan().any() and out[1, 0, 0, 0] == 0
+    rms = out.flatten(1).pow(2).mean(1).sqrt()
+    assert rms[0] == pytest.approx(2.0) and rms[1] < 1.0  # the big one is clamped, the small one left alone
+
+
+def test_same_seed_gives_the_same_guided_samples(ddpm):
+    unet, _ = ddpm
+    sched = scheduler("ddpm")
+    draws = [sample(unet, sched, len(TARGETS), generator=torch.Generator().manual_seed(7), steps=4, progress=False,
+                    cond_fn=make("clip", sched, scale=1.0)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    other = sample(unet, sched, len(TARGETS), generator=torch.Generator().manual_seed(8), steps=4, progress=False,
+                   cond_fn=make("clip", sched, scale=1.0))
+    assert not torch.equal(draws[0], other)
+
+
+# -- composition checks --------------------------------------------------------------------------------------------
+def test_noisy_guide_must_match_the_ddpm_size_and_schedule():
+    sched = scheduler("ddim")
+    assert make("noisy_clip", sched).guide.captions == VOCAB  # the matching guide builds
+    with pytest.raises(ClipdiffError, match=r"reads 16 px x_t but the DDPM makes 8 px"):
+        noisy_clip_guidance(checkpoint=FakeNoisyClip(image_size=16), scale=1.0, schedule=LINEAR, num_samples=4,
+                            targets=TARGETS, scheduler=sched, image_size=SIZE)
+    cosine = {**LINEAR, "beta_schedule": "squaredcos_cap_v2"}
+    with pytest.raises(ClipdiffError, match=r"noise schedules differ: beta_schedule .* ddpm_ckpt .* guide_ckpt"):
+        noisy_clip_guidance(checkpoint=FakeNoisyClip(schedule=cosine), scale=1.0, schedule=LINEAR, num_samples=4,
+                            targets=TARGETS, scheduler=sched, image_size=SIZE)
+
+
+def test_wrong_checkpoint_kinds_are_one_line_naming_the_key(exports):
+    sched = scheduler("ddim")
+    kw = {"scale": 1.0, "schedule": LINEAR, "num_samples": 4, "targets": TARGETS, "scheduler": sched, "image_size": SIZE}
+    with pytest.raises(ClipdiffError, match=r"^guide_ckpt=.*ddpm.pt holds a ddpm model, but a clip model is needed here$"):
+        clip_guidance(checkpoint=exports["ddpm"], **kw)
+    with pytest.raises(ClipdiffError, match=r"^noisy_clip_ckpt=.*clip.pt holds a clip model, but a noisy_clip model"):
+        noisy_clip_guidance(checkpoint=exports["clip"], key="noisy_clip_ckpt", **kw)
+
+
+def test_prompt_outside_the_vocabulary(caplog):
+    sched = scheduler("ddim")
+    kw = {"scale": 1.0, "schedule": LINEAR, "num_samples": 2, "targets": "a shiny purple car", "scheduler": sched,
+              "image_size": SIZE}
+    with pytest.raises(ClipdiffError, match=r"prompt 'a shiny purple car' is not in the noisy CLIP's vocabulary"):
+        noisy_clip_guidance(checkpoint=FakeNoisyClip(), **kw)
+    with pytest.raises(ClipdiffError, match=r"not in the CLIP's vocabulary"):
+        clip_guidance(checkpoint=tiny_clip(), free_text="error", **kw)
+    with caplog.at_level(logging.WARNING, logger=guidance.__name__):
+        cond = clip_guidance(checkpoint=tiny_clip(), **kw)
+    assert "free-text embedding" in caplog.text
+    assert cond.guide.captions == VOCAB + ["a shiny purple car"] and cond.targets.tolist() == [len(VOCAB)] * 2
+    assert cond.guide.text.shape[0] == len(VOCAB) + 1
+
+
+def test_bad_settings_are_one_line():
+    ddim = scheduler("ddim")
+    for kw, msg in (({"mode": "mean_shift"}, "use sampler=ddpm"), ({"form": "cosine"}, "guidance.form"),
+                    ({"window": [0.8, 0.2]}, "guidance.window"), ({"every": 0}, "guidance.every")):
+        with pytest.raises(ClipdiffError, match=msg):
+            make("noisy_clip", ddim, **kw)
+    with pytest.raises(ClipdiffError, match="grad_through_eps=true needs the DDPM's UNet"):
+        make("clip", ddim, grad_through_eps=True)
+    with pytest.raises(ClipdiffError, match="guidance got 3 targets for 4 samples"):
+        noisy_clip_guidance(checkpoint=FakeNoisyClip(), scale=1.0, schedule=LINEAR, num_samples=4,
+                            targets=TARGETS[:3], scheduler=ddim)
+
+
+def test_gradients_through_eps_use_the_unet(ddpm):
+    unet, _ = ddpm
+    sched = scheduler("ddim")
+    sched.set_timesteps(10)
+    x = torch.randn(len(TARGETS), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    t = int(sched.timesteps[2])
+    with torch.no_grad():
+        eps = unet(x, t).sample
+    const = make("clip", sched).grad(x, t, eps, torch.arange(4))
+    through = make("clip", sched, grad_through_eps=True, unet=unet).grad(x, t, eps, torch.arange(4))
+    assert not torch.allclose(const, through)
+    assert torch.nn.functional.cosine_similarity(const.flatten(), through.flatten(), dim=0) > 0
+
+
+# -- the sampling CLI (in-process: the one-line printing of a ClipdiffError is tests/test_sample.py's) ------------
+def compose_sample(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def test_cli_guided_sampling_writes_grid_and_pngs(exports, tmp_path):
+    import json
+
+    from clipdiff.sample import run
+
+    common = [f"ddpm_ckpt={exports['ddpm']}", f"guide_ckpt={exports['clip']}", "prompt=a red car", "progress=false",
+              "sampler.steps=3"]
+    result = run(compose_sample([*common, "guidance=clip", "guidance.scale=2", "num_samples=3",
+                                 f"paths.run_dir={tmp_path / 'run'}"]))
+    run_dir = result["run_dir"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert (run_dir / "grid.png").is_file()
+    info = json.loads((run_dir / "sample.json").read_text())
+    assert info["prompt"] == "a red car" and info["guidance"]["name"] == "clip" and info["guidance"]["scale"] == 2
+    # a factory's ClipdiffError reaches the CLI as itself (Hydra's instantiate would wrap it)
+    with pytest.raises(ClipdiffError, match=r"^guide_ckpt=.*clip.pt holds a clip model, but a noisy_clip model is "):
+        run(compose_sample([*common, "guidance=noisy_clip", f"paths.run_dir={tmp_path / 'bad'}"]))
+    with pytest.raises(ClipdiffError, match=r"guidance needs a target: set prompt="):
+        run(compose_sample([*common[:2], "guidance=clip", f"paths.run_dir={tmp_path / 'none'}"]))

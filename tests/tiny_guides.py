@@ -1,0 +1,71 @@
+"""Tiny models for the guidance and evaluation tests: an 8 px DDPM, CLIP and judge export, and a stand-in noisy CLIP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdiff.models.components.clip import ClipClassifier, model_from_config, tokenizer_for
+from clipdiff.models.components.judge import Judge
+from clipdiff.models.ddpm_module import DdpmModule
+from clipdiff.models.export import save_export
+
+SIZE = 8
+LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+          "prediction_type": "epsilon", "clip_sample": True}
+VOCAB = ["a blue car", "a green jeep/bus", "a red car", "a white car"]
+CLIP_CFG = {"embed_dim": 16,
+            "vision_cfg": {"image_size": SIZE, "layers": 1, "width": 32, "head_width": 16, "mlp_ratio": 2.0,
+                           "patch_size": 4},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                         "mlp_ratio": 2.0}}
+
+
+def ddpm_export(path: Path, schedule: dict | None = None) -> Path:
+    torch.manual_seed(0)
+    unet = {"block_out_channels": [8, 8], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "layers_per_block": 1}
+    return DdpmModule(unet=unet, diffusion=schedule or LINEAR, image_size=SIZE).export(path)
+
+
+def tiny_clip(vocabulary=VOCAB) -> ClipClassifier:
+    torch.manual_seed(1)
+    clf = ClipClassifier(model_from_config(CLIP_CFG), vocabulary, tokenizer_for(CLIP_CFG), SIZE, (0.5,) * 3, (0.25,) * 3,
+                         model_cfg=CLIP_CFG)
+    clf.model.logit_scale.data.fill_(3.0)
+    return clf.eval().requires_grad_(False)
+
+
+def clip_export(path: Path) -> Path:
+    return tiny_clip().export(path)
+
+
+def judge_export(path: Path, vocabulary=VOCAB) -> Path:
+    torch.manual_seed(2)
+    net = Judge(len(vocabulary), image_size=SIZE, widths=[8, 8], blocks=[1, 1])
+    return save_export(path, "judge", config=dict(net.config), state_dict=net.state_dict(), vocabulary=list(vocabulary),
+                       image_size=SIZE)
+
+
+class FakeNoisyClip(nn.Module):
+    """The noisy-CLIP contract (vocabulary, image_size, schedule, logits(x_t, t), encode_image, text_features)
+    with a random conv tower; stands in until the real noisy CLIP is trained in a test."""
+
+    def __init__(self, vocabulary=VOCAB, image_size: int = SIZE, schedule: dict | None = None, dim: int = 16):
+        super().__init__()
+        torch.manual_seed(3)
+        self.vocabulary, self.image_size, self.schedule = list(vocabulary), image_size, dict(schedule or LINEAR)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                 nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, dim))
+        self.time = nn.Linear(1, dim)
+        self.register_buffer("text_features", F.normalize(torch.randn(len(vocabulary), dim), dim=-1))
+
+    def encode_image(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).float().reshape(-1, 1).expand(x_t.shape[0], 1)
+        return F.normalize(self.net(x_t) + self.time(t / 1000), dim=-1)
+
+    def logits(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 20.0 * self.encode_image(x_t, t) @ self.text_features.T
