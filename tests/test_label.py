@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdiff.data.captions import read_caption_file, read_caption_table
+from clipdiff.data.captions import load_split_labels, read_caption_file, read_caption_table
 from clipdiff.data.procedural import render_dataset
+from clipdiff.data.srn import scan_split
 from clipdiff.data.vocab import caption_prior, parse_caption
 from clipdiff.errors import ClipdiffError
 from clipdiff.labeling.colour import ColourEvidence, border_connected, car_mask
@@ -131,7 +132,10 @@ def test_bad_inputs_are_flagged_not_fatal(rendered, tmp_path):
     assert rows["mixed"]["flag"] == "blank:1,unreadable:1,no_pose:1" and rows["mixed"]["source"] == "auto"
     assert rows["mixed"]["views"] == "7" and float(rows["mixed"]["confidence"]) > 0
     assert res.contact_sheet is not None and res.contact_sheet.is_file()
-    read_caption_file(root / "cars_text" / "cars_train.tsv")  # downstream reader accepts it
+    # the data layer loads it: the empty folder's row is skipped like the folder itself, the rest all match
+    objects = scan_split(root, "cars_train")
+    loaded = load_split_labels(root / "cars_text", {"cars_train": [o.object_id for o in objects]})
+    assert set(loaded["cars_train"]) == {"all_white", "broken", "mixed"}
 
 
 def _read(path: Path) -> list[dict[str, str]]:
