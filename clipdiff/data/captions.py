@@ -28,7 +28,10 @@ def read_caption_file(path: str | Path) -> dict[str, str]:
 
 
 def read_caption_table(path: str | Path) -> dict[str, tuple[str, str | None]]:
-    """object_id → (caption, split or None when the file has no ``split`` column)."""
+    """object_id → (caption, split or None when the file has no ``split`` column).
+
+    Rows whose ``flag`` column says ``no_images`` (the labeller lists folders without images) are skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise ClipdiffError(f"caption file {path} does not exist: run `python -m clipdiff.label` or set data.captions")
@@ -51,6 +54,8 @@ def read_caption_table(path: str | Path) -> dict[str, tuple[str, str | None]]:
                 parse_caption(cap)
             except ClipdiffError as e:
                 raise ClipdiffError(f"{path}:{lineno}: {e}") from None
+            if "no_images" in (row.get("flag") or "").split(","):
+                continue  # the labeller's row for a folder without images: nothing to load
             out[oid] = (cap, (row["split"] or "").strip() or None if has_split else None)
     if not out:
         raise ClipdiffError(f"{path}: no rows below the header")
