@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -56,25 +57,25 @@ def stage_command(stage: DictConfig, stage_dir: Path) -> list[str]:
     return [sys.executable, "-m", f"clipdiff.{stage.command}", *args]
 
 
-def run_stage(name: str, stage: DictConfig, workdir: Path) -> Path:
+def run_stage(name: str, stage: DictConfig, workdir: Path) -> dict:
     stage_dir = workdir / name
     marker = stage_dir / MARKER
     cmd = stage_command(stage, stage_dir)
     shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
     if marker.is_file() and json.loads(marker.read_text()).get("args") == stage_args(stage):
         log.info("[%s] reused %s", name, stage_dir)
-        return stage_dir
+        return {**json.loads(marker.read_text()), "stage": name, "dir": stage_dir, "reused": True}
     log.info("[%s] %s", name, shown)
     t0 = time.time()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise ClipdiffError(f"stage '{name}' failed (exit {proc.returncode}); rerun the pipeline to continue, or run: {shown}")
     stage_dir.mkdir(parents=True, exist_ok=True)
+    record = {"args": stage_args(stage), "command": shown, "seconds": round(time.time() - t0, 1)}
     with atomic_open(marker, "w") as f:
-        json.dump({"args": stage_args(stage), "command": shown,
-                   "seconds": round(time.time() - t0, 1)}, f, indent=1)
+        json.dump(record, f, indent=1)
     log.info("[%s] done in %.0f s", name, time.time() - t0)
-    return stage_dir
+    return {**record, "stage": name, "dir": stage_dir, "reused": False}
 
 
 def data_report(cfg: DictConfig, out: Path) -> None:
@@ -93,6 +94,26 @@ def data_report(cfg: DictConfig, out: Path) -> None:
     log.info("contact sheet: %s", sheet)
 
 
+def write_report(out: Path, records: list[dict]) -> Path:
+    """``report.md`` of the pipeline run: the stage table, the dataset, and the evaluation report (if run)."""
+    lines = [f"# clipdiff pipeline — {out.name}", "", "| stage | seconds | reused | command |", "| --- | ---: | --- | --- |"]
+    lines += [f"| {r['stage']} | {r.get('seconds', '')} | {'yes' if r.get('reused') else 'no'} | `{r.get('command', '')}` |"
+              for r in records]
+    if (out / "contact_sheet.png").is_file():
+        lines += ["", "## Dataset (training split, a row per caption)", "", "![contact sheet](contact_sheet.png)"]
+    evaluation = next((r["dir"] for r in records if r["stage"] == "evaluate"), None)
+    if evaluation is not None and (Path(evaluation) / "report.md").is_file():
+        link = out / "evaluate"
+        link.symlink_to(Path(evaluation).resolve(), target_is_directory=True)
+        body = (Path(evaluation) / "report.md").read_text()
+        body = re.sub(r"\]\((?!https?:|/|#)", "](evaluate/", body).replace("\n# ", "\n## ")
+        lines += ["", body]
+    path = out / "report.md"
+    with atomic_open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def point_latest(link: Path, target: Path) -> None:
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -107,13 +128,16 @@ def main(cfg: DictConfig) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(cfg.only) if cfg.get("only") else None
     t0 = time.time()
+    records = []
     for name, stage in cfg.stages.items():
         if only and name not in only:
             continue
         if stage.command == "data_report":
             data_report(cfg, out)
         else:
-            run_stage(name, stage, workdir)
+            records.append(run_stage(name, stage, workdir))
+    report = write_report(out, records)
+    log.info("report: %s", report)
     point_latest(Path(cfg.paths.output_dir) / "latest_demo", out)
     log.info("pipeline finished in %.0f s", time.time() - t0)
     print(f"run directory: {out}")

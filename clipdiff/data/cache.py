@@ -12,15 +12,15 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from clipdiff.errors import ClipdiffError
 from clipdiff.data.srn import load_image
+from clipdiff.errors import ClipdiffError
 from clipdiff.utils.io import atomic_open
 
 log = logging.getLogger(__name__)

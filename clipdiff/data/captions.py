@@ -12,8 +12,8 @@ set). Rows are joined by object id, never by line order.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from clipdiff.data.vocab import parse_caption
 from clipdiff.errors import ClipdiffError

@@ -45,7 +45,7 @@ class SplitIndex:
     view_index: np.ndarray  # per image
 
     @classmethod
-    def build(cls, name: str, objects: list[SrnObject], captions: dict[str, str]) -> "SplitIndex":
+    def build(cls, name: str, objects: list[SrnObject], captions: dict[str, str]) -> SplitIndex:
         paths, obj, view = [], [], []
         for i, o in enumerate(objects):
             paths += o.views

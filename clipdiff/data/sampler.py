@@ -10,7 +10,7 @@ every ``num_replicas``-th batch, so ranks see disjoint batches.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler

@@ -8,9 +8,9 @@ original 2151 ShapeNet labels with their object counts; it is the prior of the p
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Sequence
 
 from clipdiff.errors import ClipdiffError
 
