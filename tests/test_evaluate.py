@@ -12,13 +12,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from PIL import Image
-from tiny_guides import FakeNoisyClip, clip_export, ddpm_export, judge_export
+from tiny_guides import clip_export, ddpm_export, judge_export, noisy_clip_export
 
 from clipdiff import evaluate
-from clipdiff.diffusion import guidance
 from clipdiff.errors import ClipdiffError
 from clipdiff.eval.report import RESULT_COLUMNS, bootstrap_ci, slug
-from clipdiff.models.export import save_export
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CAPTIONS = ["a red car", "a green jeep/bus"]
@@ -43,9 +41,8 @@ def models(tmp_path_factory):
                        "a5": "a blue car", "a6": "a blue car"},
         "cars_val": {"b1": "a red car"},
     }, views=3)
-    noisy = save_export(tmp / "noisy.pt", "noisy_clip", config={}, state_dict={})  # its model: FakeNoisyClip
     return {"root": root, "ddpm": ddpm_export(tmp / "ddpm.pt"), "clip": clip_export(tmp / "clip.pt"),
-            "judge": judge_export(tmp / "judge.pt"), "noisy": noisy, "tmp": tmp}
+            "judge": judge_export(tmp / "judge.pt"), "noisy": noisy_clip_export(tmp / "noisy.pt"), "tmp": tmp}
 
 
 def args(models, run_dir: Path, *extra: str) -> list[str]:
@@ -57,15 +54,10 @@ def args(models, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def evaluation(models, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setattr(guidance, "_load_noisy", lambda path, key: FakeNoisyClip())
-    try:
-        run_dir = tmp_path_factory.mktemp("eval_run")
-        cfg = compose_eval(args(models, run_dir, "scales=[1.0,4.0]", "guides.clip.scales=[0.0,4.0]",
-                                f"captions={CAPTIONS}".replace("'", '"'), "methods=[none,clip,noisy_clip]"))
-        return evaluate.run(cfg)
-    finally:
-        mp.undo()
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    cfg = compose_eval(args(models, run_dir, "scales=[1.0,4.0]", "guides.clip.scales=[0.0,4.0]",
+                            f"captions={CAPTIONS}".replace("'", '"'), "methods=[none,clip,noisy_clip]"))
+    return evaluate.run(cfg)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -6,7 +6,16 @@ import logging
 
 import pytest
 import torch
-from tiny_guides import LINEAR, SIZE, VOCAB, FakeNoisyClip, clip_export, ddpm_export, tiny_clip
+from tiny_guides import (
+    LINEAR,
+    SIZE,
+    VOCAB,
+    TextlessNoisyClip,
+    clip_export,
+    ddpm_export,
+    tiny_clip,
+    tiny_noisy_clip,
+)
 
 from clipdiff.diffusion import guidance
 from clipdiff.diffusion.guidance import clean_grad, clip_guidance, noisy_clip_guidance, score
@@ -18,10 +27,9 @@ from clipdiff.models.components.unet import load_ddpm
 TARGETS = ["a red car", "a blue car", "a green jeep/bus", "a white car"]
 
 
-def scheduler(name: str):
-    """The sampler without the x0 clamp: the untrained UNet's x0_hat lies far outside [-1, 1], and a clamped
-    pixel keeps only the eps term of the update (which moves against the guidance in DDIM)."""
-    return sampling_scheduler(LINEAR, name, clip_sample=False)
+def scheduler(name: str, clip_sample: bool = False):
+    """The sampler, by default without its x0 clamp (the untrained UNet's x0_hat lies far outside [-1, 1])."""
+    return sampling_scheduler(LINEAR, name, clip_sample=clip_sample)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,7 @@ def make(kind: str, scheduler, scale: float = 1.0, **kw):
                   "image_size": SIZE}
     if kind == "clip":
         return clip_guidance(checkpoint=tiny_clip(), grad_clip=None, **common, **kw)
-    return noisy_clip_guidance(checkpoint=FakeNoisyClip(), **common, **kw)
+    return noisy_clip_guidance(checkpoint=tiny_noisy_clip(), **common, **kw)
 
 
 def one_step(unet, scheduler, x, t, cond=None, seed=0):
@@ -56,16 +64,21 @@ def log_p(cond, logits):
     return score(logits, cond.targets, cond.form)
 
 
-@pytest.mark.parametrize("form", ["classifier", "dot"])
+@pytest.mark.parametrize(("form", "clip_sample"), [("classifier", False), ("dot", False), ("classifier", True)])
 @pytest.mark.parametrize("kind", ["clip", "noisy_clip"])
-def test_a_guidance_step_raises_the_guides_probability_of_the_target(ddpm, kind, form):
+def test_a_guidance_step_raises_the_guides_probability_of_the_target(ddpm, kind, form, clip_sample):
+    """Also with a sampler that clamps x0_hat (most pixels saturate here): guidance.clip_x0 keeps the update's
+    direction (without it the clamped pixels keep only the eps term, which points against the guidance)."""
     unet, _ = ddpm
-    sched = scheduler("ddim")
+    sched = scheduler("ddim", clip_sample)
     sched.set_timesteps(10)
     t, t_prev = int(sched.timesteps[5]), int(sched.timesteps[6])
     x = torch.randn(len(TARGETS), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     cond = make(kind, sched, scale=0.5 if kind == "noisy_clip" else 0.05, form=form)
-    plain, guided = one_step(unet, sched, x, t), one_step(unet, sched, x, t, cond)
+    assert cond.clip_x0 == clip_sample  # auto: follows the sampler
+    # the baseline: the same sampler step, unguided (with clip_x0, the same eps/x0 consistency, guidance ~0)
+    plain = one_step(unet, sched, x, t, make(kind, sched, scale=1e-9) if clip_sample else None)
+    guided = one_step(unet, sched, x, t, cond)
     assert not torch.allclose(plain.prev_sample, guided.prev_sample)
     with torch.no_grad():
         if kind == "noisy_clip":  # the noisy guide reads the next x_t at the next timestep
@@ -93,6 +106,22 @@ def test_ddpm_and_ddim_guidance_point_the_same_way(ddpm, kind):
     assert (cos(updates["ddim", "eps"], updates["ddpm", "eps"]) > 0).all()
     assert (cos(updates["ddpm", "mean_shift"], updates["ddpm", "eps"]) > 0.99).all()  # the same direction, other size
     assert updates["ddim", "eps"].norm() > 0
+
+
+def test_mean_shift_moves_the_ddpm_mean_by_scale_times_variance_times_gradient(ddpm):
+    unet, _ = ddpm
+    sched = scheduler("ddpm")
+    sched.set_timesteps(10)
+    t = int(sched.timesteps[4])
+    prev = int(sched.previous_timestep(t))
+    abar, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[prev]
+    var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)  # the posterior variance of this step
+    x = torch.randn(len(TARGETS), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    cond = make("noisy_clip", sched, scale=2.0, mode="mean_shift")
+    with torch.no_grad():
+        g = cond.grad(x, t, unet(x, t).sample, torch.arange(len(TARGETS)))
+    shift = one_step(unet, sched, x, t, cond).prev_sample - one_step(unet, sched, x, t).prev_sample
+    torch.testing.assert_close(shift, 2.0 * var * g, rtol=1e-3, atol=1e-6)
 
 
 def test_window_every_and_reuse_choose_the_guided_steps(ddpm):
@@ -141,11 +170,11 @@ def test_noisy_guide_must_match_the_ddpm_size_and_schedule():
     sched = scheduler("ddim")
     assert make("noisy_clip", sched).guide.captions == VOCAB  # the matching guide builds
     with pytest.raises(ClipdiffError, match=r"reads 16 px x_t but the DDPM makes 8 px"):
-        noisy_clip_guidance(checkpoint=FakeNoisyClip(image_size=16), scale=1.0, schedule=LINEAR, num_samples=4,
+        noisy_clip_guidance(checkpoint=tiny_noisy_clip(image_size=16), scale=1.0, schedule=LINEAR, num_samples=4,
                             targets=TARGETS, scheduler=sched, image_size=SIZE)
     cosine = {**LINEAR, "beta_schedule": "squaredcos_cap_v2"}
     with pytest.raises(ClipdiffError, match=r"noise schedules differ: beta_schedule .* ddpm_ckpt .* guide_ckpt"):
-        noisy_clip_guidance(checkpoint=FakeNoisyClip(schedule=cosine), scale=1.0, schedule=LINEAR, num_samples=4,
+        noisy_clip_guidance(checkpoint=tiny_noisy_clip(schedule=cosine), scale=1.0, schedule=LINEAR, num_samples=4,
                             targets=TARGETS, scheduler=sched, image_size=SIZE)
 
 
@@ -159,18 +188,23 @@ def test_wrong_checkpoint_kinds_are_one_line_naming_the_key(exports):
 
 
 def test_prompt_outside_the_vocabulary(caplog):
+    """Free text: appended to the guide's captions with a warning (both CLIPs have a text tower), or refused."""
     sched = scheduler("ddim")
     kw = {"scale": 1.0, "schedule": LINEAR, "num_samples": 2, "targets": "a shiny purple car", "scheduler": sched,
-              "image_size": SIZE}
-    with pytest.raises(ClipdiffError, match=r"prompt 'a shiny purple car' is not in the noisy CLIP's vocabulary"):
-        noisy_clip_guidance(checkpoint=FakeNoisyClip(), **kw)
-    with pytest.raises(ClipdiffError, match=r"not in the CLIP's vocabulary"):
-        clip_guidance(checkpoint=tiny_clip(), free_text="error", **kw)
-    with caplog.at_level(logging.WARNING, logger=guidance.__name__):
-        cond = clip_guidance(checkpoint=tiny_clip(), **kw)
-    assert "free-text embedding" in caplog.text
-    assert cond.guide.captions == VOCAB + ["a shiny purple car"] and cond.targets.tolist() == [len(VOCAB)] * 2
-    assert cond.guide.text.shape[0] == len(VOCAB) + 1
+          "image_size": SIZE}
+    for factory, model in ((clip_guidance, tiny_clip), (noisy_clip_guidance, tiny_noisy_clip)):
+        with pytest.raises(ClipdiffError, match=r"prompt 'a shiny purple car' is not in the (noisy )?CLIP's vocabulary"
+                                                r" .* and guidance.free_text=error"):
+            factory(checkpoint=model(), free_text="error", **kw)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=guidance.__name__):
+            cond = factory(checkpoint=model(), **kw)
+        assert "free-text embedding" in caplog.text
+        assert cond.guide.captions == VOCAB + ["a shiny purple car"] and cond.targets.tolist() == [len(VOCAB)] * 2
+        x = torch.randn(2, 3, SIZE, SIZE)
+        assert cond.guide.logits(x, 500, torch.zeros_like(x)).shape == (2, len(VOCAB) + 1)
+    with pytest.raises(ClipdiffError, match=r"is not in the noisy CLIP's vocabulary .* it has no text tower"):
+        noisy_clip_guidance(checkpoint=TextlessNoisyClip(), **kw)
 
 
 def test_bad_settings_are_one_line():
@@ -182,7 +216,7 @@ def test_bad_settings_are_one_line():
     with pytest.raises(ClipdiffError, match="grad_through_eps=true needs the DDPM's UNet"):
         make("clip", ddim, grad_through_eps=True)
     with pytest.raises(ClipdiffError, match="guidance got 3 targets for 4 samples"):
-        noisy_clip_guidance(checkpoint=FakeNoisyClip(), scale=1.0, schedule=LINEAR, num_samples=4,
+        noisy_clip_guidance(checkpoint=tiny_noisy_clip(), scale=1.0, schedule=LINEAR, num_samples=4,
                             targets=TARGETS[:3], scheduler=ddim)
 
 

@@ -1,4 +1,4 @@
-"""Tiny models for the guidance and evaluation tests: an 8 px DDPM, CLIP and judge export, and a stand-in noisy CLIP."""
+"""Tiny models for the guidance and evaluation tests: 8 px DDPM, CLIP, noisy CLIP and judge (models and exports)."""
 
 from __future__ import annotations
 
@@ -50,9 +50,26 @@ def judge_export(path: Path, vocabulary=VOCAB) -> Path:
                        image_size=SIZE)
 
 
-class FakeNoisyClip(nn.Module):
-    """The noisy-CLIP contract (vocabulary, image_size, schedule, logits(x_t, t), encode_image, text_features)
-    with a random conv tower; stands in until the real noisy CLIP is trained in a test."""
+def tiny_noisy_clip(image_size: int = SIZE, schedule: dict | None = None):
+    """The real NoisyClipClassifier on the tiny CLIP, with a small random timestep embedding (so t matters).
+    ``image_size`` other than 8 only changes what it declares (for the size check)."""
+    from clipdiff.models.components.noisy_clip import NoisyClipClassifier
+
+    clip = tiny_clip()
+    clip.image_size = image_size
+    torch.manual_seed(4)
+    model = NoisyClipClassifier(clip, schedule or LINEAR)
+    nn.init.normal_(model.time_embed.linear_2.weight, std=0.02)
+    return model.eval().requires_grad_(False)
+
+
+def noisy_clip_export(path: Path) -> Path:
+    return tiny_noisy_clip().export(path)
+
+
+class TextlessNoisyClip(nn.Module):
+    """A guide model with the noisy-CLIP contract (vocabulary, image_size, schedule, logits(x_t, t),
+    encode_image, text_features) but no text tower: free-text prompts must be refused."""
 
     def __init__(self, vocabulary=VOCAB, image_size: int = SIZE, schedule: dict | None = None, dim: int = 16):
         super().__init__()

@@ -24,6 +24,9 @@ sample gets the gradient of its own score):
   appended to the guide's captions with a warning, so the classifier form scores it against the vocabulary and
   the dot form uses it alone. The clean CLIP always has a text tower; a noisy CLIP needs one (``encode_text`` or
   ``clip.encode_text``), else such a prompt is an error. ``free_text: error`` makes it an error for both.
+- **x0 clamp** (``clip_x0``; null = auto: on when the sampler clamps x0_hat, i.e. ``clip_sample``): on guided steps
+  the eps is replaced by the eps whose x0_hat is the guided x0_hat clamped to [-1, 1], so the sampler's clamp
+  cannot turn the update against the guidance (see :meth:`GuidedEps.consistent`).
 - **when**: the step ``i`` of ``n`` (0 = noisiest) is guided iff ``start ≤ i/n < stop`` (``window``) and
   ``(i − first) % every == 0``; with ``reuse_grad`` the skipped steps of the window reuse the last gradient.
 """
@@ -139,8 +142,12 @@ class GuidedEps:
 
     def __init__(self, guide: nn.Module, targets: torch.Tensor, alphas_cumprod: torch.Tensor, scale: float,
                  form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0), every: int = 1,
-                 reuse_grad: bool = False, grad_clip: float | None = None, scheduler: Any = None):
+                 reuse_grad: bool = False, grad_clip: float | None = None, scheduler: Any = None,
+                 clip_x0: bool | None = None):
         self.guide, self.targets, self.scale = guide, targets.long(), float(scale)
+        if clip_x0 is None:  # auto: exactly when the sampler clamps x0_hat itself
+            clip_x0 = bool(getattr(getattr(scheduler, "config", {}), "get", lambda *_: False)("clip_sample", False))
+        self.clip_x0 = bool(clip_x0)
         self.form, self.mode, self.every, self.reuse_grad, self.grad_clip = form, mode, int(every), bool(reuse_grad), grad_clip
         self.window = (float(window[0]), float(window[1]))
         self.abar = alphas_cumprod.float().cpu()
@@ -206,7 +213,18 @@ class GuidedEps:
             g = self._last[1]
         else:
             return eps
-        return eps - self.coefficient(t, eps) * g.to(eps.dtype)
+        eps = eps - self.coefficient(t, eps) * g.to(eps.dtype)
+        return self.consistent(x_t, t, eps) if self.clip_x0 else eps
+
+    def consistent(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        """The eps whose x0_hat is the guided x0_hat clamped to [-1, 1] (DDIM's ``use_clipped_model_output``).
+
+        A scheduler that clamps x0_hat (``clip_sample``) but steps with the unclamped eps keeps, in the saturated
+        pixels, only the eps term of the guided update, and that term moves x_{t-1} against the guidance; near
+        t = T (ā_t → 0) eps guidance saturates x0_hat almost everywhere, and the guidance turns round."""
+        abar = self.abar[int(t)].to(x_t.device, torch.float32)
+        x0 = predict_x0(x_t.float(), eps.float(), int(t), self.abar.to(x_t.device)).clamp(-1, 1)
+        return ((x_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()).to(eps.dtype)
 
 
 # -- loading and composition checks -------------------------------------------------------------------------------
@@ -272,7 +290,7 @@ def clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, sc
                   device: str | torch.device = "cpu", targets: str | Sequence[str] | None = None,
                   form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0), every: int = 1,
                   reuse_grad: bool = False, grad_clip: float | None = 0.05, grad_through_eps: bool = False,
-                  free_text: str = "warn", scheduler: Any = None, unet: nn.Module | None = None,
+                  free_text: str = "warn", clip_x0: bool | None = None, scheduler: Any = None, unet: nn.Module | None = None,
                   image_size: int | None = None, key: str = "guide_ckpt", name: str = "clip") -> GuidedEps:
     """Clean-CLIP guidance through x0_hat (see the module doc). ``checkpoint``: a CLIP export or a loaded ClipClassifier."""
     from clipdiff.models.components.clip import load_clip
@@ -287,15 +305,16 @@ def clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, sc
     abar = _abar(schedule, scheduler)
     pred_type = (scheduler.config if scheduler is not None else schedule).get("prediction_type", "epsilon")
     guide = CleanClipGuide(clf, abar, extra, unet if grad_through_eps else None, pred_type).to(device)
-    return GuidedEps(guide, ids, abar, scale, form, mode, window, every, reuse_grad, grad_clip, scheduler)
+    return GuidedEps(guide, ids, abar, scale, form, mode, window, every, reuse_grad, grad_clip, scheduler, clip_x0)
 
 
 def noisy_clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, schedule: dict, num_samples: int,
                         device: str | torch.device = "cpu", targets: str | Sequence[str] | None = None,
                         form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0),
                         every: int = 1, reuse_grad: bool = False, grad_clip: float | None = None,
-                        free_text: str = "warn", scheduler: Any = None, unet: nn.Module | None = None,
-                        image_size: int | None = None, key: str = "guide_ckpt", name: str = "noisy_clip") -> GuidedEps:
+                        free_text: str = "warn", clip_x0: bool | None = None, scheduler: Any = None,
+                        unet: nn.Module | None = None, image_size: int | None = None, key: str = "guide_ckpt",
+                        name: str = "noisy_clip") -> GuidedEps:
     """Noisy-CLIP guidance on (x_t, t). Checks: export kind, noise schedule and image size against the DDPM."""
     _check_settings(scale, form, mode, window, every, scheduler, free_text)
     model = checkpoint if isinstance(checkpoint, nn.Module) else _load_noisy(checkpoint, key)
@@ -308,7 +327,7 @@ def noisy_clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: flo
     ids, extra = _target_ids(targets, num_samples, list(model.vocabulary),
                              free_text if text_encoder(model) is not None else "unsupported", "noisy CLIP")
     return GuidedEps(NoisyClipGuide(model, extra), ids, _abar(schedule, scheduler), scale, form, mode, window, every,
-                     reuse_grad, grad_clip, scheduler)
+                     reuse_grad, grad_clip, scheduler, clip_x0)
 
 
 def instantiate_guidance(node: Any, **kwargs: Any) -> GuidedEps | None:
