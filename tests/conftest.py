@@ -7,10 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 COLOURS = {"red": (200, 30, 30), "blue": (30, 40, 200), "white": (235, 235, 235), "green": (30, 170, 40)}
 
@@ -46,3 +53,23 @@ def flat_root(tmp_path: Path) -> Path:
             "cars_test": {"c1": "a blue car"},
         },
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and far faster when the CPU is shared (no OpenMP waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """A real config as ``python -m clipdiff.<name>`` sees it: HydraConfig set, the ``hydra`` node removed."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from conftest import CONF, compose_config
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from clipdiff.errors import ClipdiffError
 from clipdiff.eval.zeroshot import ZeroShotMetrics, evaluate
@@ -20,18 +18,11 @@ from clipdiff.models.components.optim import param_groups, warmup_cosine
 from clipdiff.models.export import save_export
 from clipdiff.train import train
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 VOCAB = ["a blue car", "a red car", "a white and red car", "a white car", "a white jeep/bus"]
 
 
 def compose_train(overrides: list[str]):
-    """The real train config as ``python -m clipdiff.train`` sees it (HydraConfig set, ``hydra`` node removed)."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config("train", overrides)
 
 
 @pytest.fixture(scope="module")

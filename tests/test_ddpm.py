@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import compose_config
 
 from clipdiff.diffusion.sampling import sample
 from clipdiff.diffusion.schedule import check_compatible, sampling_scheduler, train_scheduler
@@ -18,7 +15,6 @@ from clipdiff.models.components.unet import build_unet, load_ddpm
 from clipdiff.models.ddpm_module import DdpmModule
 from clipdiff.train import train
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY_UNET = [
     "model.unet.block_out_channels=[8,16]",
     "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
@@ -30,28 +26,14 @@ LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 
           "prediction_type": "epsilon", "clip_sample": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def compose_train(root: Path, run_dir: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
+    return compose_config("train", [
             "model=ddpm", f"data.root={root}", f"data.captions={root}/cars_text", "data.image_size=16",
             "data.batch_size=4", "data.eval_batch_size=4", "data.cache=false", "data.progress=false",
             f"paths.run_dir={run_dir}", "logger=csv", "trainer.enable_progress_bar=false",
             "model.num_sample_images=4", "model.sample_steps=2",
             *TINY_UNET, *overrides])
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra
-    return cfg
 
 
 def tiny_module(**kw) -> DdpmModule:

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_srn
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import compose_config, write_srn
 
 from clipdiff.errors import ClipdiffError
 from clipdiff.models.components.judge import (
@@ -22,32 +18,17 @@ from clipdiff.models.components.judge import (
 )
 from clipdiff.models.export import save_export
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TINY_NET = ["model.net.widths=[8,16]", "model.net.blocks=[1,1]", "model.net.strides=[1,2]", "model.net.dropout=0.0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_train(root: Path, run_dir: Path, overrides: list[str]):
     from clipdiff.train import train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "model=judge", "logger=csv", f"data.root={root}", "data.image_size=16", "data.batch_size=8",
-            f"data.cache_dir={run_dir / 'cache'}", "data.progress=false", f"paths.run_dir={run_dir}",
-            "trainer.enable_progress_bar=false", *overrides,
-        ])
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra  # the run dir is set; the logged config needs no Hydra internals
+    cfg = compose_config("train", [
+        "model=judge", "logger=csv", f"data.root={root}", "data.image_size=16", "data.batch_size=8",
+        f"data.cache_dir={run_dir / 'cache'}", "data.progress=false", f"paths.run_dir={run_dir}",
+        "trainer.enable_progress_bar=false", *overrides,
+    ])
     return train(cfg)
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from conftest import compose_config
+from omegaconf import OmegaConf
 
 from clipdiff.diffusion.schedule import check_compatible, schedule_config, train_scheduler
 from clipdiff.errors import ClipdiffError
@@ -20,18 +19,12 @@ from clipdiff.models.export import save_export
 from clipdiff.models.noisy_clip_module import NoisyClipModule
 from clipdiff.train import train
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 VOCAB = ["a blue car", "a red car", "a white and red car", "a white car", "a white jeep/bus"]
 LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config("train", overrides)
 
 
 def clip_export(path: Path, vocabulary: list[str], seed: int = 0) -> Path:

@@ -20,14 +20,6 @@ LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 
           "prediction_type": "epsilon", "clip_sample": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> Path:
