@@ -8,9 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import compose_config
 from PIL import Image
 from tiny_guides import clip_export, ddpm_export, judge_export, noisy_clip_export
 
@@ -18,17 +16,11 @@ from clipdiff import evaluate
 from clipdiff.errors import ClipdiffError
 from clipdiff.eval.report import RESULT_COLUMNS, bootstrap_ci, slug
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CAPTIONS = ["a red car", "a green jeep/bus"]
 
 
 def compose_eval(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("evaluate", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config("evaluate", overrides)
 
 
 @pytest.fixture(scope="module")

@@ -236,18 +236,9 @@ def test_gradients_through_eps_use_the_unet(ddpm):
 
 # -- the sampling CLI (in-process: the one-line printing of a ClipdiffError is tests/test_sample.py's) ------------
 def compose_sample(overrides: list[str]):
-    from pathlib import Path
+    from conftest import compose_config
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("sample", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config("sample", overrides)
 
 
 def test_cli_guided_sampling_writes_grid_and_pngs(exports, tmp_path):
