@@ -41,9 +41,20 @@ def override_value(value) -> str:
     return str(value)
 
 
+def flatten(args: dict, prefix: str = "") -> dict:
+    """``{"trainer": {"max_steps": 2}}`` → ``{"trainer.max_steps": 2}`` (a dotted key on the command line nests)."""
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def stage_args(stage: DictConfig) -> list[str]:
     """``stages.<name>.args`` (a mapping ``key: value``) as ``key=value`` overrides."""
-    args = OmegaConf.to_container(stage.get("args") or {}, resolve=True)
+    args = flatten(OmegaConf.to_container(stage.get("args") or {}, resolve=True))
     return [f"{k}={override_value(v)}" for k, v in args.items()]
 
 

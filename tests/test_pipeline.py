@@ -16,11 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "stages.render.args.num_objects=16", "stages.render.args.views_per_object=3", "stages.render.args.image_size=32",
     "data.image_size=32",
-    "stages.label.args.views=3",
+    "+stages.label.args.views=3",
     "+stages.clip.args.trainer.max_steps=2", "+stages.clip.args.data.batch_size=8",
     "+stages.noisy_clip.args.trainer.max_steps=2", "+stages.noisy_clip.args.data.batch_size=8",
     "+stages.ddpm.args.trainer.max_steps=2", "+stages.ddpm.args.data.batch_size=8",
-    "+stages.ddpm.args.model.sample_every_n_epochs=null",
     "+stages.judge.args.trainer.max_steps=2", "+stages.judge.args.data.batch_size=8",
     "+stages.evaluate.args.sampler.steps=2", "stages.evaluate.args.num_per_caption=2",
     "+stages.evaluate.args.num_captions=2", "+stages.evaluate.args.bootstrap=20", "+stages.evaluate.args.num_real=8",
