@@ -63,7 +63,8 @@ def bench_data(root: Path, cache_dir: Path, sizes: tuple[int, ...], budget_s: fl
     for size in sizes:
         rates = {}
         for cached in (False, True):
-            dm = CarsDataModule(str(root), captions=str(root / "ground_truth.tsv"), image_size=size, batch_size=64,
+            dm = CarsDataModule(str(root), captions=str(root / "ground_truth.tsv"), splits={"train": "cars_train"},
+                                image_size=size, batch_size=64,
                                 cache=cached, cache_dir=str(cache_dir), progress=False)
             dm.prepare_data()
             dm.setup("fit")
