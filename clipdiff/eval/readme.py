@@ -50,7 +50,7 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
         if grid.is_file():
             target = docs / f"{method}.png"
             shutil.copyfile(grid, target)
-            pictures.append(f"**{method}** (scale {scale})<br>![{method}]({target.relative_to(readme_dir)})")
+            pictures.append(f'<b>{method}</b> (scale {scale})<br><img src="{target.resolve().relative_to(readme_dir)}" width="300">')
     when = run.resolve().name
     return "\n".join([
         (f"Produced by `make demo` (run `{when}`; `python -m clipdiff.eval.readme` copied it here). "
