@@ -76,6 +76,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 @hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
+    log.info("final metrics (best checkpoint's epoch is exported): %s", shown)
     log.info("run directory: %s", cfg.paths.run_dir)
     key = cfg.get("optimized_metric")
     if key:
