@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError, MulticlassConfusionMatrix
 
+from clipdiff.utils.images import save_figure
+
 
 def bucket_edges(num_timesteps: int, num_buckets: int = 10) -> torch.Tensor:
     """[num_buckets + 1] integer edges; bucket i holds ``edges[i] <= t < edges[i+1]``."""
@@ -184,9 +186,4 @@ def plot_accuracy_vs_t(rows: Mapping[str, Sequence[Mapping[str, float]]], path: 
     ax_ece.set_xlabel("timestep t (bucket centre)")
     ax_ece.set_ylim(0, 1)
     ax_ece.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipdiff.utils.images import labelled_rows, save_png, to_uint8
+from clipdiff.utils.images import labelled_rows, save_figure, save_png, to_uint8
 from clipdiff.utils.io import atomic_open
 
 ACC = ("caption", "colour", "type")
@@ -116,11 +116,7 @@ def plot_accuracy_vs_scale(summary: Sequence[Mapping[str, Any]], path: Path) -> 
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (95% CI)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _pct(r: Mapping[str, Any], part: str) -> str:

@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from clipdiff.data.vocab import parse_caption
+from clipdiff.utils.images import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,7 @@ def plot_confusion(matrix: torch.Tensor, labels: Sequence[str], path: str | Path
     ax.set_ylabel("true caption")
     correct = int(cm.diagonal().sum())
     ax.set_title(f"{title}  top-1 {correct}/{int(cm.sum())}".strip(), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clipdiff.data.vocab import BODY_TYPES, parse_caption
+from clipdiff.utils.images import save_figure
 from clipdiff.utils.io import atomic_open
 
 
@@ -158,12 +159,7 @@ def plot_confusion(c: Confusion, path: Path, title: str) -> Path:
                     ax.text(j, i, str(c.counts[i, j]), ha="center", va="center", fontsize=6 if n > 15 else 8,
                             color="white" if frac[i, j] > 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_report(a: Agreement, out_dir: str | Path, prefix: str = "agreement") -> list[Path]:

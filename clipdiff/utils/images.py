@@ -52,3 +52,15 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     with atomic_open(path, "wb") as f:
         image.save(f, format="PNG")
     return path
+
+
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
+    """Lay out, write atomically as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
