@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
     "stages.render.args.num_objects=16", "stages.render.args.views_per_object=3", "stages.render.args.image_size=32",
-    "data.image_size=32",
+    "data.image_size=32", "train_logger=csv",
     "+stages.label.args.views=3",
     "+stages.clip.args.trainer.max_steps=2", "+stages.clip.args.data.batch_size=8",
     "+stages.noisy_clip.args.trainer.max_steps=2", "+stages.noisy_clip.args.data.batch_size=8",
