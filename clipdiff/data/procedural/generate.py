@@ -302,24 +302,15 @@ def _prepare(out: Path, config: dict) -> str:
     """Decide what to do with ``out``: 'reuse' (complete, same config), 'resume' or 'fresh'; refuse otherwise."""
     if out.exists() and not out.is_dir():
         raise ClipdiffError(f"out_dir={out} is a file, not a folder; pick another out_dir")
-    marker = out / MARKER
-    if marker.exists():
-        old = _read_json(marker)["config"]
-        if old == config:
-            return "reuse"
-        raise ClipdiffError(
-            f"out_dir={out} already holds a complete render with another config ({_describe_difference(old, config)}); "
-            "refusing to overwrite it: pick another out_dir, or delete that folder first"
-        )
-    partial = out / PARTIAL_MARKER
-    if partial.exists():
-        old = _read_json(partial)["config"]
-        if old == config:
-            return "resume"
-        raise ClipdiffError(
-            f"out_dir={out} holds an unfinished render with another config ({_describe_difference(old, config)}); "
-            "refusing to overwrite it: pick another out_dir, or delete that folder first"
-        )
+    for name, action, what in ((MARKER, "reuse", "a complete render"), (PARTIAL_MARKER, "resume", "an unfinished render")):
+        if (out / name).exists():
+            old = _read_json(out / name)["config"]
+            if old == config:
+                return action
+            raise ClipdiffError(
+                f"out_dir={out} holds {what} with another config ({_describe_difference(old, config)}); "
+                "refusing to overwrite it: pick another out_dir, or delete that folder first"
+            )
     if out.is_dir() and any(out.iterdir()):
         raise ClipdiffError(
             f"out_dir={out} exists and is not a procedural render (no {MARKER}); refusing to write into it: "
