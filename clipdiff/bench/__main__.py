@@ -1,0 +1,5 @@
+import sys
+
+from clipdiff.bench.cli import main
+
+sys.exit(main())
