@@ -22,8 +22,8 @@ test: $(STAMP)  ## the whole test suite (CPU, ~10 minutes on 2 cores)
 test-fast: $(STAMP)  ## skip the tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP)  ## speed claims as side-by-side ratios, written to outputs/bench/
-	$(BIN)/python -m clipdiff.bench $(ARGS)
+bench: $(STAMP)  ## speed claims as side-by-side ratios → outputs/bench/latest.csv and README's Benchmarks block (~6 min)
+	$(BIN)/python -m clipdiff.bench --readme $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check clipdiff tests
