@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from clipdiff.errors import ClipdiffError
@@ -42,6 +45,23 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node, _convert_="all") for node in group.values() if node and "_target_" in node]
 
 
+def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
+    """A checkpoint file; a run directory (its ``checkpoints/last.ckpt``: continue that run in a new directory);
+    or Lightning's ``last`` (the newest ``last*.ckpt`` of *this* run directory: a requeued SLURM job), ``hpc``."""
+    if not ckpt_path or ckpt_path in ("last", "hpc"):
+        return ckpt_path
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ClipdiffError(f"ckpt_path={ckpt_path} is a directory without checkpoints/last.ckpt "
+                                "(give a training run directory or a .ckpt file)")
+    elif not path.is_file():
+        raise ClipdiffError(f"ckpt_path={ckpt_path} does not exist (give a checkpoint file or a training run "
+                            "directory to resume)")
+    return str(path)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -54,9 +74,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).is_file():
-        raise ClipdiffError(f"ckpt_path={ckpt_path} does not exist (give a checkpoint file, or 'last' to resume)")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
     # our own checkpoints hold hyperparameters such as optimizer partials: trusted, so not weights-only
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -75,7 +93,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except SIGTERMException:
+        log.warning("stopped by SIGTERM; continue with: python -m clipdiff.train … ckpt_path=%s", cfg.paths.run_dir)
+        sys.exit(128 + signal.SIGTERM)
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     log.info("final metrics (best checkpoint's epoch is exported): %s", shown)
     log.info("run directory: %s", cfg.paths.run_dir)

@@ -19,10 +19,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, default_collate
 
 from clipdiff.data.cache import PackedImages
 from clipdiff.data.captions import load_split_labels
+from clipdiff.data.resumable import ResumableLoader
 from clipdiff.data.sampler import DistinctCaptionBatchSampler
 from clipdiff.data.srn import SrnObject, check_root, load_image, scan_split
 from clipdiff.data.vocab import Vocabulary
@@ -183,22 +184,23 @@ class CarsDataModule(L.LightningDataModule):
             return trainer.world_size, trainer.global_rank
         return 1, 0
 
-    def _loader(self, ds: Dataset, **kw) -> DataLoader:
+    def _loader(self, ds: Dataset, loader_cls: type[DataLoader] = DataLoader, **kw) -> DataLoader:
         hp = self.hparams
-        return DataLoader(ds, num_workers=hp.num_workers, pin_memory=hp.pin_memory, collate_fn=collate,
+        return loader_cls(ds, num_workers=hp.num_workers, pin_memory=hp.pin_memory, collate_fn=collate,
                           persistent_workers=hp.num_workers > 0, **kw)
 
     def train_dataloader(self) -> DataLoader:
+        """Resumable mid-epoch (:mod:`clipdiff.data.resumable`). Shuffling is seeded by ``(seed, epoch)`` and
+        the same for any world size: rank r takes every world-th image (``random``) or batch
+        (``distinct_caption``) of one global order, so ranks see disjoint shares of what one process would see."""
         ds, hp = self._dataset("train"), self.hparams
         world, rank = self._dist()
         if hp.sampler == "distinct_caption":
-            bs = DistinctCaptionBatchSampler(ds.caption_ids, hp.batch_size, world, rank, hp.seed)
-            return self._loader(ds, batch_sampler=bs)
-        if world > 1:
-            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
+            batches = DistinctCaptionBatchSampler(ds.caption_ids, hp.batch_size, world, rank, hp.seed)
         else:
-            sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(hp.seed))
-        return self._loader(ds, sampler=sampler, batch_size=hp.batch_size, drop_last=len(ds) >= hp.batch_size)
+            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
+            batches = BatchSampler(sampler, hp.batch_size, drop_last=len(ds) >= hp.batch_size * world)
+        return self._loader(ds, batch_sampler=batches, loader_cls=ResumableLoader)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         ds, hp = self._dataset(stage), self.hparams

@@ -85,11 +85,14 @@ class ClipModule(L.LightningModule):
         ids, inverse = y.unique(return_inverse=True)  # encode each caption of the batch once
         text = self.clip.encode_captions(ids)[inverse]
         loss = self.loss_fn(image, text, self.clip.logit_scale, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", self.clip.logit_scale.detach())
+        # every rank's loss covers its rows of the global batch: their mean is the global loss
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.log("train/logit_scale", self.clip.logit_scale.detach(), batch_size=len(y))
         return loss
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Clamp the logit scale right after each step (before the callbacks' batch-end hooks save checkpoints)."""
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.clip.model.logit_scale.clamp_(0, math.log(self.hparams.logit_scale_max))
 
@@ -105,7 +108,7 @@ class ClipModule(L.LightningModule):
 
     def _eval_epoch_end(self, metrics: ZeroShotMetrics) -> None:
         values = metrics.compute()
-        self.log_dict(values)
+        self.log_dict(values)  # torchmetrics has already gathered every rank's states: equal on all ranks
         metrics.confusion()  # collective under DDP: every rank computes, rank 0 writes
         epoch = self.current_epoch
         every = max(1, self.hparams.plot_every_n_epochs)

@@ -98,9 +98,11 @@ class DdpmModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after each optimizer step
-            self.ema.update_parameters(self.unet)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The EMA follows every optimizer step here, not in ``on_train_batch_end``: that hook runs after the
+        callbacks' (a step checkpoint would hold an EMA one update behind its weights)."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.unet)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The same loss with the EMA weights; noise and timesteps fixed per batch so epochs compare."""

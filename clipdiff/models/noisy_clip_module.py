@@ -135,7 +135,9 @@ class NoisyClipModule(L.LightningModule):
         self.log("train/logit_scale", scale.detach())
         return loss
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Clamp the logit scale right after each step (before the callbacks' batch-end hooks save checkpoints)."""
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.guide.clip.model.logit_scale.clamp_(0, math.log(self.hparams.logit_scale_max))
 

@@ -1,0 +1,40 @@
+"""Callbacks the scale-out tests add to real runs (``+callbacks.<name>._target_=scaleout_helpers.…``); importable
+from subprocesses and spawned DDP workers (tests/ is on their path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class HoldAt(Callback):
+    """After optimizer step ``step``: write ``marker`` and wait until SIGTERM (or SIGKILL) arrives."""
+
+    def __init__(self, step: int, marker: str, timeout_s: float = 120.0):
+        self.step, self.marker, self.timeout_s = step, marker, timeout_s
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step != self.step:
+            return
+        Path(self.marker).write_text(str(os.getpid()))
+        deadline = time.monotonic() + self.timeout_s
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class RecordBatches(Callback):
+    """Each rank appends ``[step, rank, [[object, view], …]]`` of its training batches to ``<folder>/rank<r>.jsonl``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pairs = [[int(o), int(v)] for o, v in zip(batch["object"], batch["view"])]
+        path = Path(self.folder) / f"rank{trainer.global_rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps([trainer.global_step, trainer.global_rank, pairs]) + "\n")
