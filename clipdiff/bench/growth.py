@@ -4,7 +4,7 @@ Three procedural sets of n, 2n and 4n objects (same views and image size). At ea
 
 * **indexing** = ``CarsDataModule.index()`` (SRN folder scan + captions join + vocabulary), median of repeats;
 * **caching** = building the packed uint8 memmap of every split (``prepare_data`` into an empty cache dir);
-* **memory** = peak growth of the process's anonymous RSS (``RssAnon`` in /proc/self/status: memmap pages are
+* **memory** = peak growth of a fresh process's anonymous RSS (``RssAnon`` in /proc/self/status: memmap pages are
   file-backed and not counted) over one epoch through the cached train loader
   (batches of 16, so even the smallest set has many batches and one batch is small next to the data).
 
@@ -16,6 +16,8 @@ smallest): ≈ 1 would mean the data is held in memory, ≈ 0 is flat.
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,10 +35,23 @@ def _dm(root: Path, size: int, cache_dir: Path):
                           batch_size=16, cache=True, cache_dir=str(cache_dir), progress=False)
 
 
-def anon_growth_kib(loader) -> int:
-    """Peak RssAnon growth (KiB) over one epoch of ``loader`` (sampled after every batch)."""
+def anon_growth_kib(root: Path, size: int, cache_dir: Path) -> int:
+    """Peak RssAnon growth (KiB) from before the DataModule exists to the end of one epoch of its cached train
+    loader (sampled after every batch), in a fresh interpreter: a heap grown and freed by earlier benchmarks
+    would otherwise absorb the data unseen."""
+    out = subprocess.run([sys.executable, "-m", "clipdiff.bench.growth", str(root), str(size), str(cache_dir)],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _child(root: Path, size: int, cache_dir: Path) -> int:
+    import clipdiff.data.datamodule  # noqa: F401  (imports are not the data's memory)
+
     base = peak = proc_status_kib("RssAnon")
-    for batch in loader:
+    dm = _dm(root, size, cache_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    for batch in dm.train_dataloader():
         del batch
         peak = max(peak, proc_status_kib("RssAnon"))
     return peak - base
@@ -50,10 +65,8 @@ def measure(root: Path, size: int, work: Path, repeats: int) -> dict[str, float]
     cache = timed(dm.prepare_data)  # every split's memmap, built from the PNGs
     dm.setup("fit")
     bytes_ = sum(f.stat().st_size for f in cache_dir.glob("*.npy"))
-    loader = dm.train_dataloader()
-    anon_growth_kib(loader)  # first epoch: page in, warm allocator
     return {"objects": sum(len(i.objects) for i in dm.index().values()), "index": index, "cache": cache,
-            "anon": anon_growth_kib(loader) * 1024, "bytes": bytes_}
+            "anon": anon_growth_kib(root, size, cache_dir) * 1024, "bytes": bytes_}
 
 
 def bench_growth(work: Path, objects: tuple[int, ...] = (20, 40, 80), views: int = 12, image_size: int = 128,
@@ -80,3 +93,10 @@ def bench_growth(work: Path, objects: tuple[int, ...] = (20, 40, 80), views: int
         Claim("growth/iter_anon_vs_data_growth", flat, 0.1, f"anon bytes / cache bytes added ({span})",
               higher_is_better=False),
     ]
+
+
+if __name__ == "__main__":  # the memory probe's fresh interpreter (see anon_growth_kib)
+    import torch
+
+    torch.set_num_threads(1)
+    print(_child(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])))
