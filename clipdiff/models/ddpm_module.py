@@ -57,6 +57,7 @@ class DdpmModule(L.LightningModule):
         channels_last: bool = False,
         sample_every_n_epochs: int | None = 1,
         sample_steps: int = 25,
+        sample_eta: float = 1.0,
         num_sample_images: int = 16,
         sample_seed: int = 0,
     ):
@@ -114,14 +115,16 @@ class DdpmModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
     # -- sample grids ------------------------------------------------------------------------------------------
-    def sample_images(self, num_samples: int, steps: int, seed: int = 0, sampler: str = "ddim") -> torch.Tensor:
-        """Images in [0, 1] drawn with the EMA weights (DDIM by default)."""
+    def sample_images(self, num_samples: int, steps: int, seed: int = 0, sampler: str = "ddim",
+                      eta: float | None = None) -> torch.Tensor:
+        """Images in [0, 1] drawn with the EMA weights (DDIM with ``sample_eta`` by default)."""
+        eta = self.hparams.get("sample_eta", 1.0) if eta is None else eta
         scheduler = sampling_scheduler(self.schedule, sampler, timestep_spacing="trailing")
         was_training = self.ema.training
         self.ema.eval()
         try:
             return sample(self.ema.module, scheduler, num_samples, generator=torch.Generator().manual_seed(seed),
-                          steps=steps, image_size=self.image_size, progress=False)
+                          steps=steps, image_size=self.image_size, eta=eta, progress=False)
         finally:
             self.ema.train(was_training)
 
