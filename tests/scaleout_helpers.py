@@ -27,14 +27,21 @@ class HoldAt(Callback):
 
 
 class RecordBatches(Callback):
-    """Each rank appends ``[step, rank, [[object, view], …]]`` of its training batches to ``<folder>/rank<r>.jsonl``."""
+    """Each rank appends ``[stage, step, rank, [[object, view], …]]`` of its training and validation batches to
+    ``<folder>/rank<r>.jsonl``."""
 
     def __init__(self, folder: str):
         self.folder = folder
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def _record(self, stage: str, trainer, batch) -> None:
         pairs = [[int(o), int(v)] for o, v in zip(batch["object"], batch["view"])]
         path = Path(self.folder) / f"rank{trainer.global_rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(json.dumps([trainer.global_step, trainer.global_rank, pairs]) + "\n")
+            f.write(json.dumps([stage, trainer.global_step, trainer.global_rank, pairs]) + "\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record("train", trainer, batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("val", trainer, batch)

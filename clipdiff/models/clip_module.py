@@ -122,6 +122,7 @@ class ClipModule(L.LightningModule):
         metrics.reset()
 
     def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()  # fresh state: under ddp_spawn the initial metric tensors arrive in memory shared by both ranks
         self.clip.refresh_text_features()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -131,6 +132,7 @@ class ClipModule(L.LightningModule):
         self._eval_epoch_end(self.val_metrics)
 
     def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()  # fresh state: under ddp_spawn the initial metric tensors arrive in memory shared by both ranks
         self.clip.refresh_text_features()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -101,6 +101,12 @@ class JudgeModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_confusion)
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_confusion.reset()  # fresh state: under ddp_spawn the initial metric tensors arrive in memory shared by both ranks
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val", self.val_confusion)
 

@@ -185,6 +185,10 @@ class NoisyClipModule(L.LightningModule):
         log.info("%s  %s", png, "  ".join(f"{k}={v:.3f}" for k, v in summary.items()))
 
     def on_validation_epoch_start(self) -> None:
+        # fresh state: under ddp_spawn the initial metric tensors arrive in memory shared by both ranks
+        for m in (self.val_metrics, self.test_metrics, getattr(self, "val_clean", None), getattr(self, "test_clean", None)):
+            if m is not None:
+                m.reset()
         self.guide.refresh_text_features()
         if self.clean is not None:
             self.clean.refresh_text_features()
