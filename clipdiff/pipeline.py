@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.cli import hydra_entry, run_dir
 from clipdiff.utils.io import atomic_open
+from clipdiff.utils.procs import LoggedProcess
 
 log = logging.getLogger("clipdiff.pipeline")
 
@@ -68,25 +68,114 @@ def stage_command(stage: DictConfig, stage_dir: Path) -> list[str]:
     return [sys.executable, "-m", f"clipdiff.{stage.command}", *args]
 
 
-def run_stage(name: str, stage: DictConfig, workdir: Path) -> dict:
-    stage_dir = workdir / name
-    marker = stage_dir / MARKER
-    cmd = stage_command(stage, stage_dir)
-    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
-    if marker.is_file() and json.loads(marker.read_text()).get("args") == stage_args(stage):
-        log.info("[%s] reused %s", name, stage_dir)
-        return {**json.loads(marker.read_text()), "stage": name, "dir": stage_dir, "reused": True}
-    log.info("[%s] %s", name, shown)
-    t0 = time.time()
-    proc = subprocess.run(cmd, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        raise ClipdiffError(f"stage '{name}' failed (exit {proc.returncode}); rerun the pipeline to continue, or run: {shown}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    record = {"args": stage_args(stage), "command": shown, "seconds": round(time.time() - t0, 1)}
-    with atomic_open(marker, "w") as f:
-        json.dump(record, f, indent=1)
-    log.info("[%s] done in %.0f s", name, time.time() - t0)
-    return {**record, "stage": name, "dir": stage_dir, "reused": False}
+def stage_threads(stage: DictConfig, cfg: DictConfig) -> int:
+    """Torch/OpenMP threads of a stage: ``stages.<name>.threads``, else ``threads`` (``auto``: CPUs ÷ ``jobs``;
+    ``all``: every CPU)."""
+    value, cpus = stage.get("threads") or cfg.get("threads") or "auto", os.cpu_count() or 1
+    if value == "auto":
+        return max(1, cpus // max(1, int(cfg.get("jobs") or 1)))
+    if value == "all":
+        return cpus
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ClipdiffError(f"threads={value!r}: use a number, auto or all") from None
+
+
+def dependencies(cfg: DictConfig, names: list[str]) -> dict[str, list[str]]:
+    """``stages.<name>.after`` (default: the stage before it), checked against the stage names."""
+    deps = {}
+    for i, name in enumerate(names):
+        after = cfg.stages[name].get("after")
+        after = [names[i - 1]] if after is None and i else list(after or [])
+        unknown = [d for d in after if d not in cfg.stages]
+        if unknown:
+            raise ClipdiffError(f"stages.{name}.after names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
+        deps[name] = after
+    return deps
+
+
+class Stage:
+    """One stage: its command, its directory, its reuse marker and (while it runs) its process."""
+
+    def __init__(self, name: str, stage: DictConfig, workdir: Path, threads: int):
+        self.name, self.stage, self.dir, self.threads = name, stage, workdir / name, threads
+        self.cmd = stage_command(stage, self.dir)
+        self.shown = " ".join(shlex.quote(c) for c in ["python", *self.cmd[1:]])
+        self.process: LoggedProcess | None = None
+
+    def reusable(self) -> dict | None:
+        marker = self.dir / MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("args") == stage_args(self.stage):
+            return {**json.loads(marker.read_text()), "stage": self.name, "dir": self.dir, "reused": True}
+        return None
+
+    def start(self) -> None:
+        log.info("[%s] %s   (%d thread%s; log: %s)", self.name, self.shown, self.threads, "s" * (self.threads > 1),
+                 self.dir.parent / f"{self.name}.log")
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        self.process = LoggedProcess(self.name, self.cmd, self.dir.parent / f"{self.name}.log", env=env)
+
+    def finish(self) -> dict:
+        seconds = round(time.time() - self.process.started, 1)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record = {"args": stage_args(self.stage), "command": self.shown, "seconds": seconds, "threads": self.threads,
+                  "started": round(self.process.started, 2), "finished": round(time.time(), 2)}
+        with atomic_open(self.dir / MARKER, "w") as f:
+            json.dump(record, f, indent=1)
+        log.info("[%s] done in %.0f s", self.name, seconds)
+        return {**record, "stage": self.name, "dir": self.dir, "reused": False}
+
+
+def run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready) -> list[dict]:
+    """Run the stages as their inputs (``after``) finish, at most ``cfg.jobs`` at once, in config order.
+
+    ``on_ready(name)`` runs an in-process stage (``command: data_report``). A failed stage stops the others with
+    SIGTERM (training stages write ``last.ckpt`` first), so rerunning the pipeline continues all of them.
+    """
+    deps = dependencies(cfg, list(cfg.stages))
+    selected = set(names)
+    todo, running, done, records = list(names), {}, set(), {}
+    jobs = max(1, int(cfg.get("jobs") or 1))
+    while todo or running:
+        for name in list(todo):
+            if len(running) >= jobs:
+                break
+            if any(d in selected and d not in done for d in deps[name]):
+                continue
+            todo.remove(name)
+            stage = cfg.stages[name]
+            if stage.command == "data_report":
+                on_ready(name)
+                done.add(name)
+                continue
+            st = Stage(name, stage, workdir, stage_threads(stage, cfg))
+            reused = st.reusable()
+            if reused:
+                log.info("[%s] reused %s", name, st.dir)
+                records[name] = reused
+                done.add(name)
+                continue
+            st.start()
+            running[name] = st
+        for name, st in list(running.items()):
+            code = st.process.poll()
+            if code is None:
+                continue
+            del running[name]
+            if code != 0:
+                for other in running.values():
+                    log.info("[%s] stopping (SIGTERM): stage '%s' failed", other.name, name)
+                    other.process.terminate()
+                raise ClipdiffError(f"stage '{name}' failed (exit {code}; its log: {workdir / (name + '.log')}); "
+                                    f"rerun the pipeline to continue, or run: {st.shown}")
+            records[name] = st.finish()
+            done.add(name)
+        if running:
+            time.sleep(0.5)
+        elif todo and not any(all(d not in selected or d in done for d in deps[n]) for n in todo):
+            raise ClipdiffError(f"stages {todo} wait for each other (stages.<name>.after forms a cycle)")
+    return [records[n] for n in names if n in records]
 
 
 def data_report(cfg: DictConfig, out: Path) -> None:
@@ -138,15 +227,12 @@ def main(cfg: DictConfig) -> None:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(cfg.only) if cfg.get("only") else None
+    unknown = sorted((only or set()) - set(cfg.stages))
+    if unknown:
+        raise ClipdiffError(f"only={sorted(only)} names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
     t0 = time.time()
-    records = []
-    for name, stage in cfg.stages.items():
-        if only and name not in only:
-            continue
-        if stage.command == "data_report":
-            data_report(cfg, out)
-        else:
-            records.append(run_stage(name, stage, workdir))
+    names = [n for n in cfg.stages if not only or n in only]
+    records = run_stages(cfg, names, workdir, on_ready=lambda name: data_report(cfg, out))
     report = write_report(out, records)
     log.info("report: %s", report)
     point_latest(Path(cfg.paths.output_dir) / "latest_demo", out)

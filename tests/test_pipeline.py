@@ -4,6 +4,7 @@ results land in the run directory, and a second invocation reuses every finished
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def test_pipeline_end_to_end_and_reuse(tmp_path: Path):
     report = (latest / "report.md").read_text()
     assert "| evaluate |" in report and "evaluate/" in report  # stage table + the evaluation, links rebased
     first_run = os.readlink(latest)
+    # the DDPM trains beside the CLIP chain (jobs=2), each stage's full output is in <workdir>/<stage>.log
+    marks = {s: json.loads((tmp_path / "outputs" / "demo" / s / "stage.json").read_text()) for s in ("ddpm", "clip")}
+    assert marks["ddpm"]["started"] < marks["clip"]["finished"] and marks["clip"]["started"] < marks["ddpm"]["finished"]
+    assert "[ddpm]" in first.stdout and (tmp_path / "outputs" / "demo" / "ddpm.log").stat().st_size > 0
 
     second = run_pipeline(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -55,3 +60,37 @@ def test_pipeline_end_to_end_and_reuse(tmp_path: Path):
     assert all(f"[{s}] reused" in log for s in ("render", "label", "clip", "noisy_clip", "ddpm", "judge", "evaluate"))
     assert os.readlink(latest) != first_run  # a new run directory, the old one untouched
     assert Path(first_run, "report.md").is_file()
+
+
+def pipeline_cfg(stages: dict, **top):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"jobs": 2, "threads": "auto", **top, "stages": stages})
+
+
+def test_stage_dependencies_default_to_the_previous_stage_and_are_checked():
+    from clipdiff.errors import ClipdiffError
+    from clipdiff.pipeline import dependencies, run_stages, stage_threads
+
+    cfg = pipeline_cfg({"a": {"command": "render", "after": []}, "b": {"command": "label"},
+                        "c": {"command": "train", "after": ["a"], "threads": 3}})
+    assert dependencies(cfg, list(cfg.stages)) == {"a": [], "b": ["a"], "c": ["a"]}
+    assert stage_threads(cfg.stages.c, cfg) == 3
+    assert stage_threads(cfg.stages.b, cfg) == max(1, (os.cpu_count() or 1) // 2)
+    with pytest.raises(ClipdiffError, match="unknown stage"):
+        dependencies(pipeline_cfg({"a": {"command": "render", "after": ["z"]}}), ["a"])
+    with pytest.raises(ClipdiffError, match="threads='many'"):
+        stage_threads(cfg.stages.a, pipeline_cfg({}, threads="many"))
+    cycle = pipeline_cfg({"a": {"command": "data_report", "after": ["b"]}, "b": {"command": "data_report", "after": ["a"]}})
+    with pytest.raises(ClipdiffError, match="cycle"):
+        run_stages(cycle, ["a", "b"], Path("."), on_ready=lambda name: None)
+
+
+def test_in_process_stages_run_in_dependency_order():
+    from clipdiff.pipeline import run_stages
+
+    cfg = pipeline_cfg({"late": {"command": "data_report", "after": ["early"]},
+                        "early": {"command": "data_report", "after": []}})
+    order = []
+    run_stages(cfg, ["late", "early"], Path("."), on_ready=order.append)
+    assert order == ["early", "late"]
