@@ -1,0 +1,115 @@
+"""``python -m clipdiff.aggregate``: a sweep directory → one table with the overrides as columns and the
+accuracy-vs-FD plot; on a synthetic evaluate sweep, and on a real (tiny) Optuna training sweep."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import compose_config, write_srn
+from hydra.core.hydra_config import HydraConfig
+
+from clipdiff.aggregate import run
+from clipdiff.errors import ClipdiffError
+from clipdiff.eval.report import SUMMARY_COLUMNS, write_csv
+
+
+def fake_job(sweep: Path, num: int, overrides: list[str], summary: list[dict] | None = None) -> Path:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if summary is not None:
+        write_csv(summary, SUMMARY_COLUMNS, job / "summary.csv")
+    return job
+
+
+def summary_row(method: str, scale: float, acc: float, fd: float) -> dict:
+    return {"method": method, "scale": scale, "n": 16, "acc_caption": acc, "acc_caption_lo": acc - 0.1,
+            "acc_caption_hi": acc + 0.1, "fd": fd, "kid": 0.01, "guide_acc": 0.9, "sec_per_image": 0.5}
+
+
+def read(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_sweep_becomes_one_table_and_a_plot(tmp_path):
+    sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00-000000"
+    for num, (form, scale) in enumerate([("logprob", 4), ("logprob", 16), ("dot", 4), ("dot", 16)]):
+        fake_job(sweep, num, [f"guides.noisy_clip.form={form}", f"scales=[{scale}]", "num_per_caption=16"],
+                 [summary_row("none", 0.0, 0.1, 30.0), summary_row("noisy_clip", scale, 0.2 + scale / 40, 30.0 + scale)])
+    fake_job(sweep, 4, ["guides.noisy_clip.form=broken", "scales=[4]"])  # a failed job: no results
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+
+    out = tmp_path / "agg"
+    result = run(compose_config("aggregate", [f"sweep_dir={sweep}", f"paths.run_dir={out}"]))
+    rows = read(out / "aggregate.csv")
+    assert len(rows) == 9  # 4 jobs × (none + noisy_clip) + the failed job
+    assert list(rows[0])[:3] == ["guides.noisy_clip.form", "scales", "num_per_caption"]
+    guided = [r for r in rows if r["method"] == "noisy_clip"]
+    assert [(r["guides.noisy_clip.form"], r["scales"], r["scale"], r["acc_caption"]) for r in guided] == [
+        ("logprob", "[4]", "4", "0.3"), ("logprob", "[16]", "16", "0.6"), ("dot", "[4]", "4", "0.3"),
+        ("dot", "[16]", "16", "0.6")]
+    assert rows[-1]["job"] == "4" and rows[-1]["status"].startswith("no results")
+    md = (out / "aggregate.md").read_text()
+    assert "| guides.noisy_clip.form | scales |" in md and "![accuracy vs FD](accuracy_vs_fd.png)" in md
+    assert result["plot"] == out / "accuracy_vs_fd.png" and result["plot"].stat().st_size > 5000
+
+
+def test_not_a_sweep_is_one_clear_error(tmp_path):
+    with pytest.raises(ClipdiffError, match="does not exist"):
+        run(compose_config("aggregate", [f"sweep_dir={tmp_path / 'nothing'}", f"paths.run_dir={tmp_path / 'a'}"]))
+    (tmp_path / "single_run" / ".hydra").mkdir(parents=True)  # a plain run directory, not a multirun
+    with pytest.raises(ClipdiffError, match=r"is not a Hydra multirun directory \(no <n>/.hydra/overrides.yaml\)"):
+        run(compose_config("aggregate", [f"sweep_dir={tmp_path / 'single_run'}", f"paths.run_dir={tmp_path / 'b'}"]))
+
+
+def test_optuna_search_composes():
+    cfg = compose_config("train", ["hparams_search=clip_optuna"])
+    sweeper = HydraConfig.get().sweeper
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert sweeper.direction == "maximize" and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert set(sweeper.params) == {"model.optimizer.lr", "model.optimizer.weight_decay", "data.batch_size",
+                                   "model.label_aware"}
+    assert cfg.optimized_metric == "val/acc_caption" == cfg.model.monitor.metric
+    assert HydraConfig.get().mode.name == "MULTIRUN"
+
+
+@pytest.mark.slow
+def test_real_optuna_sweep_returns_the_metric_and_aggregates(tmp_path):
+    root = write_srn(tmp_path / "flat", {
+        "cars_train": {"a1": "a red car", "a2": "a blue car", "a3": "a white car", "a5": "a green jeep/bus"},
+        "cars_val": {"b1": "a red car", "b2": "a white car"}, "cars_test": {"c1": "a blue car"}})
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "clipdiff.train", "hparams_search=clip_optuna", "hydra.sweeper.n_trials=2",
+           f"data.root={root}", "data.cache=false",
+           "data.progress=false", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+           "trainer.enable_progress_bar=false", "logger=csv", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"model.optimizer.lr", "model.optimizer.weight_decay", "data.batch_size",
+                                        "model.label_aware"}
+    assert 0.0 <= best["best_value"] <= 1.0
+
+    result = run(compose_config("aggregate", [f"sweep_dir={sweep}", f"paths.run_dir={tmp_path / 'agg'}"]))
+    rows = read(tmp_path / "agg" / "aggregate.csv")
+    assert [r["job"] for r in rows] == ["0", "1"] and all(r["kind"] == "train" for r in rows)
+    assert {r["data.batch_size"] for r in rows} <= {"32", "64", "128"} and all(r["model.optimizer.lr"] for r in rows)
+    assert max(float(r["val/acc_caption"]) for r in rows) == pytest.approx(best["best_value"])
+    assert result["plot"] is None  # training sweeps have no FD
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "clipdiff.aggregate", f"sweep_dir={tmp_path}/none",
+                           f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"clipdiff: error: sweep_dir={tmp_path}/none does not exist (give outputs/<task>/multiruns/<timestamp>)"]
