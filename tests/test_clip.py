@@ -158,7 +158,7 @@ def test_zero_shot_metrics_on_hand_made_embeddings():
 
 
 def test_evaluate_maps_data_vocabulary_ids_onto_the_classifier(clip_run):
-    run_dir, metrics, objects = clip_run
+    run_dir, _, objects = clip_run
     clf = load_clip(run_dir / "export.pt")
     dm = objects["datamodule"]
     out, _ = evaluate(clf, dm.val_dataloader(), data_vocabulary=dm.vocab.to_list())
