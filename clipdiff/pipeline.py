@@ -236,7 +236,7 @@ def main(cfg: DictConfig) -> None:
     report = write_report(out, records)
     log.info("report: %s", report)
     point_latest(Path(cfg.paths.output_dir) / "latest_demo", out)
-    log.info("pipeline finished in %.0f s", time.time() - t0)
+    log.info("pipeline finished in %.0f s on %d CPUs", time.time() - t0, os.cpu_count() or 1)
     print(f"run directory: {out}")
     print(f"latest demo:   {Path(cfg.paths.output_dir) / 'latest_demo'}")
     OmegaConf.save(cfg, out / "pipeline.yaml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +24,19 @@ def pct(row: dict, key: str) -> str:
     lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
     ci = f" [{float(lo):.0%}, {float(hi):.0%}]" if lo not in (None, "") and hi not in (None, "") else ""
     return f"{float(row[key]):.0%}{ci}"
+
+
+def timing(run: Path) -> str:
+    """"make demo took N min …" from the pipeline's log (stage and total wall times), or "" without a log."""
+    log = run / "pipeline.log"
+    text = log.read_text() if log.is_file() else ""
+    total = re.search(r"pipeline finished in (\d+) s(?: on (\d+) CPUs)?", text)
+    if not total:
+        return ""
+    stages = re.findall(r"\[(\w+)\] (?:done in (\d+) s|(reused))", text)
+    parts = ", ".join(f"{name} {'reused' if reused else secs + ' s'}" for name, secs, reused in stages)
+    cpus = f" on {total.group(2)} CPUs" if total.group(2) else ""
+    return f"The run took {int(total.group(1)) / 60:.1f} min wall{cpus} (stages: {parts}). "
 
 
 def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
@@ -53,7 +67,7 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
             pictures.append(f'<b>{method}</b> (scale {scale})<br><img src="{target.resolve().relative_to(readme_dir)}" width="300">')
     when = run.resolve().name
     return "\n".join([
-        (f"Produced by `make demo` (run `{when}`; `python -m clipdiff.eval.readme` copied it here). "
+        (f"Produced by `make demo` (run `{when}`; `python -m clipdiff.eval.readme` copied it here). {timing(run)}"
         f"Judge accuracy with bootstrap 95% CIs; FD/KID per caption in the clean CLIP's feature space, averaged."),
         "", *lines, "", "<table><tr>" + "".join(f"<td>{p}</td>" for p in pictures) + "</tr></table>",
     ])
