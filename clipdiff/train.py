@@ -62,6 +62,16 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
     return str(path)
 
 
+def log_friendly_progress_bar(callbacks: list, enabled: bool, on_terminal: bool) -> list:
+    """Off a terminal (a pipeline stage, a SLURM log) Lightning's rich bar prints nothing until an epoch ends,
+    while tqdm's redraws are lines: a tqdm bar then, unless there is no bar or the callbacks hold one."""
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+    if on_terminal or not enabled or any(isinstance(c, ProgressBar) for c in callbacks):
+        return []
+    return [TQDMProgressBar(refresh_rate=10)]
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -69,6 +79,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.setup("fit")
     model = build_model(cfg.model, datamodule)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks += log_friendly_progress_bar(callbacks, cfg.trainer.get("enable_progress_bar", True), sys.stdout.isatty())
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     for lg in loggers:

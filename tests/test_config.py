@@ -36,3 +36,15 @@ def test_slurm_launcher_takes_gpus_and_nodes_from_the_trainer():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (8, 8, 2)
+
+
+def test_off_a_terminal_training_shows_a_line_based_progress_bar():
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from clipdiff.train import log_friendly_progress_bar
+
+    added = log_friendly_progress_bar([], enabled=True, on_terminal=False)
+    assert len(added) == 1 and isinstance(added[0], TQDMProgressBar)
+    assert log_friendly_progress_bar([], enabled=True, on_terminal=True) == []
+    assert log_friendly_progress_bar([], enabled=False, on_terminal=False) == []
+    assert log_friendly_progress_bar([RichProgressBar()], enabled=True, on_terminal=False) == []
