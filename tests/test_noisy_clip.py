@@ -54,7 +54,7 @@ def noisy_run(tmp_path_factory):
     cfg = compose_train([
         "model=noisy_clip", "diffusion=cosine_1000", f"model.init_from={init}", f"data.root={root}",
         "data.cache=false", "data.batch_size=6", "data.progress=false", "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false", "logger=csv", f"paths.run_dir={run_dir}",
+        "trainer.enable_progress_bar=false", "logger=csv", f"paths.run_dir={run_dir}", "model.loss.logit_adjust=1.0",
     ])
     metrics, objects = train(cfg)
     return run_dir, cfg, metrics, objects, init
@@ -75,6 +75,18 @@ def test_fast_run_logs_per_bucket_metrics_and_writes_export_and_plot(noisy_run):
     assert len(table) == 11 and table[-1].split("\t")[:3] == ["900", "999", "9"]  # 3 objects × 3 views per bucket
     assert "val/acc_t000" in (run_dir / "csv" / "metrics.csv").read_text()
     assert OmegaConf.select(cfg, "model.monitor.metric") == "val/acc_caption"
+
+
+def test_logit_adjustment_adds_the_training_caption_prior(noisy_run):
+    _, _, _, objects, _ = noisy_run
+    trained = objects["trainer"].lightning_module
+    vocab = objects["datamodule"].vocab.to_list()
+    views = len(objects["datamodule"]._dataset("train")) // 4  # 4 training objects, the same number of views each
+    objs = torch.tensor([{"a red car": 1, "a blue car": 1, "a white car": 2}.get(c, 0) for c in vocab], dtype=torch.float)
+    counts = objs * views  # training images per caption
+    expected = ((counts + 1) / (counts.sum() + len(vocab))).log()  # the add-one smoothed prior of the train split
+    assert torch.allclose(trained.log_prior, expected)
+    assert vocab[int(trained.log_prior.argmax())] == "a white car"
 
 
 def test_schedule_is_the_configured_one_in_module_and_export(noisy_run):

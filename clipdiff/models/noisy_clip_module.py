@@ -46,7 +46,7 @@ from clipdiff.models.export import load_export
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOSS = {"contrastive": 1.0, "caption_ce": 1.0, "label_aware": True}
+DEFAULT_LOSS = {"contrastive": 1.0, "caption_ce": 1.0, "label_aware": True, "logit_adjust": 0.0}
 
 
 def initial_clip(vocabulary: list[str], init_from: str | None, model_name: str, image_size: int | None) -> ClipClassifier:
@@ -103,6 +103,11 @@ class NoisyClipModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
             self.loss_fn.rank, self.loss_fn.world_size = self.trainer.global_rank, self.trainer.world_size
+        tau = float(self.loss_weights["logit_adjust"])
+        if tau and stage == "fit" and getattr(self.trainer, "datamodule", None) is not None:
+            ids = torch.as_tensor(self.trainer.datamodule._dataset("train").caption_ids)
+            counts = torch.bincount(ids, minlength=len(self.hparams.vocabulary)).float()
+            self.register_buffer("log_prior", tau * (counts + 1).div(counts.sum() + len(counts)).log(), persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """[B, K] caption logits with the current weights (no cached text features)."""
@@ -128,7 +133,10 @@ class NoisyClipModule(L.LightningModule):
             self.log("train/loss_contrastive", contrastive)
             loss = loss + w["contrastive"] * contrastive
         if w["caption_ce"]:
-            ce = F.cross_entropy(scale * image @ text.T, y)
+            logits = scale * image @ text.T
+            if getattr(self, "log_prior", None) is not None:  # logit adjustment: the raw logits learn p(x|y), not the prior
+                logits = logits + self.log_prior.to(logits)
+            ce = F.cross_entropy(logits, y)
             self.log("train/loss_ce", ce)
             loss = loss + w["caption_ce"] * ce
         self.log("train/loss", loss, prog_bar=True)
