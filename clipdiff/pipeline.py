@@ -106,8 +106,9 @@ class Stage:
 
     def reusable(self) -> dict | None:
         marker = self.dir / MARKER
-        if marker.is_file() and json.loads(marker.read_text()).get("args") == stage_args(self.stage):
-            return {**json.loads(marker.read_text()), "stage": self.name, "dir": self.dir, "reused": True}
+        record = json.loads(marker.read_text()) if marker.is_file() else {}
+        if record.get("args") == stage_args(self.stage):
+            return {**record, "stage": self.name, "dir": self.dir, "reused": True}
         return None
 
     def start(self) -> None:
