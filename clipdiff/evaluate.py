@@ -64,7 +64,7 @@ class RealImages:
         if len(rows) == 0:
             return None
         rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]].sort().values
-        return torch.stack([ds[int(i)]["image"] for i in rows])
+        return ds.float_images(rows)
 
 
 def open_real(cfg: DictConfig, image_size: int) -> RealImages | None:

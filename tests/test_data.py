@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipdiff.data.cache import PackedImages
@@ -62,9 +63,41 @@ def test_layout_and_caption_join(flat_root: Path, tmp_path: Path):
     ds = dm.datasets["train"]
     item = ds[4]  # object a2, view 1
     assert item["object"] == 1 and item["view"] == 1 and dm.vocab.captions[item["caption"]] == "a blue car"
-    assert item["image"].shape == (3, 8, 8) and 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.uint8
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "caption", "object", "view"} and batch["image"].shape == (2, 3, 8, 8)
+    assert batch["image"].dtype == torch.uint8  # the loaders hand out bytes; floats are made after the transfer
+    moved = dm.on_after_batch_transfer(batch, 0)
+    assert moved["image"].dtype == torch.float32 and moved["image"].max() <= 1
+    assert torch.equal((moved["image"] * 255).round().byte(), batch["image"])
+    assert torch.equal((ds.float_images([4])[0] * 255).round().byte(), item["image"])
+
+
+def test_models_see_float_images_through_the_trainer(flat_root: Path, tmp_path: Path):
+    """Lightning calls the DataModule's on_after_batch_transfer: a training step sees float32 in [0, 1]."""
+    import lightning as L
+
+    seen = []
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            seen.append(batch["image"])
+            return self.w * batch["image"].mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(Probe(), datamodule=make_dm(flat_root, tmp_path))
+    assert len(seen) == 2
+    for x in seen:
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.max() > 0.5
 
 
 def test_caption_rows_are_joined_by_id_not_line_order(flat_root: Path, tmp_path: Path):
@@ -88,7 +121,7 @@ def test_cache_equals_png_decoding(flat_root: Path, tmp_path: Path):
     paths = [p for o in objs for p in o.views]
     packed = PackedImages(paths, 12, tmp_path / "c", "t", progress=False)
     for i, p in enumerate(paths):
-        np.testing.assert_array_equal(packed.images[i], load_image(p, 12))
+        np.testing.assert_array_equal(packed.images[i], load_image(p, 12).transpose(2, 0, 1))  # stored CHW
     assert packed.valid.all()
     again = PackedImages(paths, 12, tmp_path / "c", "t", progress=False)
     assert again.file == packed.file  # reused, not rebuilt

@@ -62,7 +62,7 @@ def test_loss_falls_when_overfitting(flat_root):
     from clipdiff.data.datamodule import CarsDataModule
 
     dm = CarsDataModule(str(flat_root), image_size=16, cache=False, progress=False)
-    images = torch.stack([dm._dataset("train")[i]["image"] for i in range(6)])
+    images = dm._dataset("train").float_images(range(6))
     model = tiny_module()
     opt = torch.optim.AdamW(model.unet.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)

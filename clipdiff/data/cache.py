@@ -1,5 +1,9 @@
 """Packed image cache: every view decoded once into a uint8 memory-mapped array per split and size.
 
+The array is stored channels-first (``[N, 3, H, W]``), the layout a batch has, so serving a batch is one gather
+from the memmap and nothing else: the conversion to float happens after the batch reaches the training device
+(:meth:`~clipdiff.data.datamodule.CarsDataModule.on_after_batch_transfer`).
+
 A cache file is keyed by the image size and by the path, size and modification time of every input PNG, so it
 is rebuilt exactly when its inputs change. It is written to a temporary file and renamed into place, so an
 interrupted build leaves nothing half-written. Unreadable or empty PNGs are skipped: their slot stays white,
@@ -25,7 +29,7 @@ from clipdiff.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: channels-first
 
 
 def cache_key(paths: Sequence[Path], size: int) -> str:
@@ -37,7 +41,7 @@ def cache_key(paths: Sequence[Path], size: int) -> str:
 
 
 class PackedImages:
-    """``images[i]`` is the uint8 HWC array of ``paths[i]`` at ``size``×``size``; ``valid[i]`` says it decoded."""
+    """``images[i]`` is the uint8 CHW array of ``paths[i]`` at ``size``×``size``; ``valid[i]`` says it decoded."""
 
     def __init__(self, paths: Sequence[Path], size: int, cache_dir: str | Path, name: str, progress: bool = True):
         self.paths = [Path(p) for p in paths]
@@ -52,7 +56,7 @@ class PackedImages:
         meta = json.loads(self.meta_file.read_text())
         self.valid = np.ones(len(self.paths), dtype=bool)
         self.valid[meta["invalid"]] = False
-        if self.images.shape != (len(self.paths), size, size, 3):
+        if self.images.shape != (len(self.paths), 3, size, size):
             raise ClipdiffError(f"{self.file}: cache has shape {self.images.shape}; delete it to rebuild")
 
     def __len__(self) -> int:
@@ -62,7 +66,7 @@ class PackedImages:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         n, s = len(self.paths), self.size
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
         invalid: list[int] = []
 
         def decode(i: int) -> tuple[int, np.ndarray | None]:
@@ -79,7 +83,7 @@ class PackedImages:
                         invalid.append(i)
                         arr[i] = 255
                     else:
-                        arr[i] = img
+                        arr[i] = img.transpose(2, 0, 1)
             arr.flush()
             del arr
             os.replace(tmp, self.file)

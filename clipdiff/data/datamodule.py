@@ -2,10 +2,15 @@
 
 A batch is a dict::
 
-    image    float32 [B, 3, H, W] in [0, 1]   (each model does its own normalisation)
+    image    uint8 [B, 3, H, W] in 0..255 from the loaders; float32 in [0, 1] once on the training device
     caption  int64 [B]  caption id in :attr:`CarsDataModule.vocab`
     object   int64 [B]  object index within the split
     view     int64 [B]  view index within the object's (selected) views
+
+The loaders hand out uint8 (a quarter of the bytes to gather, pin and copy to a GPU);
+:meth:`CarsDataModule.on_after_batch_transfer` makes the images float on the device, so every model's step sees
+float32 in [0, 1] and does its own normalisation. Code that reads the loaders or datasets without a Trainer converts
+with :func:`float_images`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from clipdiff.data.sampler import DistinctCaptionBatchSampler
 from clipdiff.data.srn import SrnObject, check_root, load_image, scan_split
 from clipdiff.data.vocab import Vocabulary
 from clipdiff.errors import ClipdiffError
+from clipdiff.utils.images import float_images
 
 log = logging.getLogger(__name__)
 
@@ -75,32 +81,29 @@ class CarsImages(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image_array(self, i: int) -> np.ndarray:
-        row = self.rows[i]
-        if self.packed is not None:
-            return np.asarray(self.packed.images[row])
-        return load_image(self.index.paths[row], self.image_size)
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.__getitems__([i])
         return {"image": item["image"][0], **{k: int(v[0]) for k, v in item.items() if k != "image"}}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """A whole batch at once (the DataLoader calls this): one memmap gather and one uint8→float conversion."""
+        """A whole batch at once (the DataLoader calls this): uint8 CHW images, one gather from the memmap."""
         idx = np.asarray(indices, dtype=np.int64)
         rows = self.rows[idx]
         if self.packed is not None:
-            arr = self.packed.images[rows]  # one gather from the memmap
+            arr = self.packed.images[rows]
         else:
-            arr = np.stack([self.image_array(int(i)) for i in idx])
-        images = arr.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-        images *= np.float32(1 / 255)  # numpy: single-threaded, no OpenMP stalls on a busy CPU
+            arr = np.stack([load_image(self.index.paths[r], self.image_size).transpose(2, 0, 1) for r in rows])
         return {
-            "image": torch.from_numpy(images),
+            "image": torch.from_numpy(arr),
             "caption": torch.from_numpy(self.caption_ids[idx]),
             "object": torch.from_numpy(self.index.object_index[rows]),
             "view": torch.from_numpy(self.index.view_index[rows]),
         }
+
+
+    def float_images(self, indices) -> torch.Tensor:
+        """Images at ``indices`` as float32 [N, 3, H, W] in [0, 1] (for code that reads the dataset directly)."""
+        return float_images(self.__getitems__([int(i) for i in indices])["image"])
 
 
 def collate(batch: dict[str, torch.Tensor] | list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -213,6 +216,12 @@ class CarsDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Images become float32 in [0, 1] here, on the training device (Lightning calls this after the copy)."""
+        if isinstance(batch, dict) and "image" in batch:
+            batch = {**batch, "image": float_images(batch["image"])}
+        return batch
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdiff.utils.images import float_images
+
 log = logging.getLogger(__name__)
 
 Images = torch.Tensor | Iterable[torch.Tensor | Mapping[str, Any]]
@@ -40,8 +42,7 @@ class FeatureSpace(nn.Module):
         self.num_features = num_features
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
+        x = float_images(x)
         if self.image_size and x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         splits={args.split: f"cars_{args.split}"}, eval_views_per_object=None)
     ds = dm._dataset(args.split)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[: args.num_real]
-    real = torch.stack([ds[int(i)]["image"] for i in idx])
+    real = ds.float_images(idx)
     space = clip_features(args.clip) if args.clip else random_features(seed=args.seed)
     result = fd_kid(fake, real, space, seed=args.seed)
     print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from clipdiff.data.vocab import parse_caption
-from clipdiff.utils.images import save_figure
+from clipdiff.utils.images import float_images, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -161,5 +161,5 @@ def evaluate(classifier, batches: Iterable[dict[str, Any]], data_vocabulary: Seq
     classifier.refresh_text_features()
     for batch in batches:
         target = batch["caption"].to(device)
-        metrics.update(classifier.logits(batch["image"].to(device)), remap[target] if remap is not None else target)
+        metrics.update(classifier.logits(float_images(batch["image"].to(device))), remap[target] if remap is not None else target)
     return metrics.compute(), metrics

@@ -12,10 +12,19 @@ from PIL import Image, ImageDraw, ImageFont
 from clipdiff.utils.io import atomic_open
 
 
+def float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in 0..255 → float32 in [0, 1] (a new tensor, on the same device); float input is returned as is."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).mul_(1 / 255)
+
+
 def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[N,3,H,W] floats in [0,1] (or uint8 NHWC) → uint8 NHWC."""
+    """[N,3,H,W] tensor (floats in [0,1] or uint8) or uint8 NHWC array → uint8 NHWC."""
     if isinstance(images, torch.Tensor):
-        images = images.detach().float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        if images.dtype != torch.uint8:
+            images = images.detach().float().clamp(0, 1).mul(255).round().byte()
+        images = images.permute(0, 2, 3, 1).cpu().numpy()
     return np.asarray(images, dtype=np.uint8)
 
 
