@@ -2,7 +2,8 @@
 
 Each stage is the documented command of one step (``python -m clipdiff.<command> …``) run as a subprocess,
 so the pipeline's log shows exactly what to type to redo a step by hand. Stage outputs live under
-``pipeline.workdir`` (default ``outputs/demo``); a stage that finished with the same command before is reused,
+``pipeline.workdir`` (default ``outputs/demo``); a stage that finished with the same command on the same inputs
+before is reused (``rerun=[clip]`` or ``rerun=all`` forces stages, and whatever is after them, to run again),
 and an interrupted training stage resumes from its ``last.ckpt``. The run directory of the pipeline itself
 holds the log, the dataset statistics, the contact sheet and the report; ``outputs/latest_demo`` points at it.
 """
@@ -54,7 +55,7 @@ def flatten(args: dict, prefix: str = "") -> dict:
 
 def stage_args(stage: DictConfig) -> list[str]:
     """``stages.<name>.args`` (a mapping ``key: value``) as ``key=value`` overrides."""
-    args = flatten(OmegaConf.to_container(stage.get("args") or {}, resolve=True))
+    args = flatten(OmegaConf.to_container(stage.args, resolve=True)) if stage.get("args") else {}
     return [f"{k}={override_value(v)}" for k, v in args.items()]
 
 
@@ -95,20 +96,42 @@ def dependencies(cfg: DictConfig, names: list[str]) -> dict[str, list[str]]:
     return deps
 
 
-class Stage:
-    """One stage: its command, its directory, its reuse marker and (while it runs) its process."""
+def read_marker(stage_dir: Path) -> dict:
+    marker = stage_dir / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else {}
 
-    def __init__(self, name: str, stage: DictConfig, workdir: Path, threads: int):
-        self.name, self.stage, self.dir, self.threads = name, stage, workdir / name, threads
+
+def input_stamps(cfg: DictConfig, deps: dict[str, list[str]], name: str, workdir: Path) -> dict[str, float | None]:
+    """When each stage that ``name`` is after last finished (None: never), looking through in-process stages."""
+    stamps: dict[str, float | None] = {}
+    for d in deps[name]:
+        if cfg.stages[d].command == "data_report":
+            stamps.update(input_stamps(cfg, deps, d, workdir))
+        else:
+            stamps[d] = read_marker(workdir / d).get("finished")
+    return stamps
+
+
+class Stage:
+    """One stage: its command, its directory, its reuse marker and (while it runs) its process.
+
+    A finished stage is reused when its arguments are the same and every stage it is ``after`` is the very run it
+    was built from (the marker keeps their finish times): a stage whose input was rebuilt runs again."""
+
+    def __init__(self, name: str, stage: DictConfig, workdir: Path, threads: int, inputs: dict[str, float | None]):
+        self.name, self.stage, self.dir, self.threads, self.inputs = name, stage, workdir / name, threads, inputs
         self.cmd = stage_command(stage, self.dir)
         self.shown = " ".join(shlex.quote(c) for c in ["python", *self.cmd[1:]])
         self.process: LoggedProcess | None = None
 
     def reusable(self) -> dict | None:
-        marker = self.dir / MARKER
-        record = json.loads(marker.read_text()) if marker.is_file() else {}
-        if record.get("args") == stage_args(self.stage):
+        record = read_marker(self.dir)
+        if record and record.get("args") == stage_args(self.stage) and record.get("inputs") == self.inputs:
             return {**record, "stage": self.name, "dir": self.dir, "reused": True}
+        if record:
+            changed = [d for d, t in self.inputs.items() if (record.get("inputs") or {}).get(d) != t]
+            why = f"input(s) {', '.join(changed)} rebuilt since" if changed else "its arguments changed"
+            log.info("[%s] runs again: %s", self.name, why)
         return None
 
     def start(self) -> None:
@@ -120,8 +143,8 @@ class Stage:
     def finish(self) -> dict:
         seconds = round(time.time() - self.process.started, 1)
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = {"args": stage_args(self.stage), "command": self.shown, "seconds": seconds, "threads": self.threads,
-                  "started": round(self.process.started, 2), "finished": round(time.time(), 2)}
+        record = {"args": stage_args(self.stage), "inputs": self.inputs, "command": self.shown, "seconds": seconds,
+                  "threads": self.threads, "started": round(self.process.started, 2), "finished": round(time.time(), 2)}
         with atomic_open(self.dir / MARKER, "w") as f:
             json.dump(record, f, indent=1)
         log.info("[%s] done in %.0f s", self.name, seconds)
@@ -138,6 +161,7 @@ def run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready) -> li
     selected = set(names)
     todo, running, done, records = list(names), {}, set(), {}
     jobs = max(1, int(cfg.get("jobs") or 1))
+    rerun = set(names) if cfg.get("rerun") == "all" else set(cfg.get("rerun") or [])
     while todo or running:
         for name in list(todo):
             if len(running) >= jobs:
@@ -150,8 +174,8 @@ def run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready) -> li
                 on_ready(name)
                 done.add(name)
                 continue
-            st = Stage(name, stage, workdir, stage_threads(stage, cfg))
-            reused = st.reusable()
+            st = Stage(name, stage, workdir, stage_threads(stage, cfg), input_stamps(cfg, deps, name, workdir))
+            reused = None if name in rerun else st.reusable()
             if reused:
                 log.info("[%s] reused %s", name, st.dir)
                 records[name] = reused
@@ -228,9 +252,10 @@ def main(cfg: DictConfig) -> None:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(cfg.only) if cfg.get("only") else None
-    unknown = sorted((only or set()) - set(cfg.stages))
-    if unknown:
-        raise ClipdiffError(f"only={sorted(only)} names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
+    for key, given in (("only", only), ("rerun", None if cfg.get("rerun") == "all" else cfg.get("rerun"))):
+        unknown = sorted(set(given or []) - set(cfg.stages))
+        if unknown:
+            raise ClipdiffError(f"{key}={sorted(given)} names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
     t0 = time.time()
     names = [n for n in cfg.stages if not only or n in only]
     records = run_stages(cfg, names, workdir, on_ready=lambda name: data_report(cfg, out))

@@ -47,6 +47,7 @@ def test_main_writes_table_and_readme(tmp_path: Path):
     names = {r["name"]: r for r in rows}
     assert names["data/cache_vs_png@16px"]["goal"] == ">=20" and names["data/cache_vs_png@16px"]["holds"] in ("true", "false")
     assert names["data/png_images_per_s@16px"]["holds"] == "" and names["bench/torch_threads"]["value"] == "1"
+    assert float(names["data/cache_vs_png_cpu_float@16px"]["value"]) > 0  # the CPU-float ratio sits beside the claim
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\nabove\n{START}\nOLD BLOCK\n{END}\nbelow\n")
     update_readme(out, readme)

@@ -94,3 +94,33 @@ def test_in_process_stages_run_in_dependency_order():
     order = []
     run_stages(cfg, ["late", "early"], Path("."), on_ready=order.append)
     assert order == ["early", "late"]
+
+
+def test_a_stage_whose_input_was_rebuilt_runs_again(tmp_path: Path, monkeypatch, caplog):
+    """Reuse is keyed by a stage's arguments *and* its inputs' runs: rebuilding a stage (``rerun=[a]``, or new
+    arguments) reruns everything after it, on this invocation and on later ones; the rest is reused."""
+    import logging
+
+    from clipdiff import pipeline
+
+    monkeypatch.setattr(pipeline, "stage_command", lambda stage, stage_dir: [sys.executable, "-c", "pass"])
+    stages = {"a": {"command": "train", "after": [], "args": {"x": 1}},
+              "report": {"command": "data_report", "after": ["a"]},
+              "b": {"command": "train", "after": ["report"], "args": {"y": 1}},
+              "c": {"command": "train", "after": ["b"]}, "side": {"command": "train", "after": []}}
+
+    def ran(**top) -> set[str]:
+        records = pipeline.run_stages(pipeline_cfg(stages, **top), list(stages), tmp_path, on_ready=lambda n: None)
+        return {r["stage"] for r in records if not r["reused"]}
+
+    with caplog.at_level(logging.INFO, logger="clipdiff.pipeline"):
+        assert ran() == {"a", "b", "c", "side"}
+        assert ran() == set()
+        assert ran(rerun=["a"]) == {"a", "b", "c"}  # b is after a through the in-process report stage
+        stages["b"]["args"]["y"] = 2
+        assert ran() == {"b", "c"}
+        assert ran(rerun="all") == {"a", "b", "c", "side"}
+    assert "[c] runs again: input(s) b rebuilt since" in caplog.text
+    assert "[b] runs again: its arguments changed" in caplog.text
+    marker = json.loads((tmp_path / "c" / "stage.json").read_text())
+    assert marker["inputs"] == {"b": json.loads((tmp_path / "b" / "stage.json").read_text())["finished"]}
