@@ -31,7 +31,9 @@ def tiny_export(tmp_path_factory) -> Path:
 
 def start_sample(cwd: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "clipdiff.sample", f"paths.log_dir={cwd}", "progress=false", *overrides]
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m) go before the overrides
+    cmd = [sys.executable, "-m", "clipdiff.sample", *flags, f"paths.log_dir={cwd}", "progress=false",
+           *(o for o in overrides if o not in flags)]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
