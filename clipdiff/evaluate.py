@@ -4,8 +4,9 @@ noisy_clip_ckpt=… judge_ckpt=… [data.root=…] [captions=[…]] num_per_capt
 For every method × scale one sampling call draws ``num_per_caption`` images of every caption (per-sample targets),
 from the same seed, so every method starts from the same initial noise. Writes into a new run directory:
 ``samples/<method>/<scale>/<caption>/NNNN.png``, ``grids/<method>_s<scale>.png`` (a row per caption),
-``results.csv`` (a row per method × caption × scale), ``summary.csv`` (captions pooled), ``accuracy_vs_scale.png``
-(several scales), ``report.md`` and an (offline by default) wandb run. ``none`` runs once, as scale 0.
+``results.csv`` (a row per method × caption × scale), ``summary.csv`` (captions pooled), ``judge_real.csv`` (the
+judge on held-out real images of each caption: the ceiling), ``accuracy_vs_scale.png`` (several scales),
+``report.md`` and an (offline by default) wandb run. ``none`` runs once, as scale 0.
 """
 
 from __future__ import annotations
@@ -40,26 +41,33 @@ EVAL_ONLY = ("scales",)  # keys of guides.<method> read here, not passed to the 
 
 # -- real images and captions -------------------------------------------------------------------------------------
 class RealImages:
-    """Real images of one caption from the dataset (``data`` config), at the DDPM's size; None when absent."""
+    """Real images of one caption from the dataset (``data`` config), at the DDPM's size; None when absent.
 
-    def __init__(self, data_cfg: DictConfig, image_size: int, split: str):
+    ``split`` gives the images FD/KID compare against; ``extra`` names other stages read here (``judge_split``)."""
+
+    def __init__(self, data_cfg: DictConfig, image_size: int, split: str, extra: dict[str, str] | None = None):
         splits = dict(data_cfg.splits)
-        if split not in splits:
-            raise ClipdiffError(f"real_split={split}: data.splits has no such stage (have: {', '.join(splits)})")
-        wanted = {s: splits[s] for s in ("train", split) if s in splits}  # only the splits read here are scanned
+        for key, stage in {"real_split": split, **(extra or {})}.items():
+            if stage not in splits:
+                raise ClipdiffError(f"{key}={stage}: data.splits has no such stage (have: {', '.join(splits)})")
+        read = ("train", split, *(extra or {}).values())
+        wanted = {s: splits[s] for s in splits if s in read}  # only the splits read here are scanned
         node = {**OmegaConf.to_container(data_cfg, resolve=True), "splits": wanted, "image_size": image_size,
                 "progress": False}
         self.dm = instantiate(node, _convert_="all")
-        self.split = split
+        self.split, self.extra = split, dict(extra or {})
         self.index = self.dm.index()
 
     def train_counts(self) -> Counter:
         return Counter(self.index["train" if "train" in self.index else self.split].captions)
 
-    def of(self, caption: str, limit: int, seed: int) -> torch.Tensor | None:
+    def objects(self, caption: str, split: str) -> int:
+        return Counter(self.index[split].captions)[caption]
+
+    def of(self, caption: str, limit: int, seed: int, split: str | None = None) -> torch.Tensor | None:
         if caption not in self.dm.vocab:
             return None
-        ds = self.dm._dataset(self.split)
+        ds = self.dm._dataset(split or self.split)
         rows = (torch.as_tensor(ds.caption_ids) == self.dm.vocab.index(caption)).nonzero().flatten()
         if len(rows) == 0:
             return None
@@ -72,7 +80,38 @@ def open_real(cfg: DictConfig, image_size: int) -> RealImages | None:
     if not root.is_dir():
         log.warning("data.root=%s does not exist: no FD/KID (give data.root=… for real images)", root)
         return None
-    return RealImages(cfg.data, image_size, str(cfg.real_split))
+    extra = None
+    if cfg.get("judge_split"):
+        folder = root / str(dict(cfg.data.splits).get(str(cfg.judge_split), ""))
+        if folder.is_dir() and folder != root:
+            extra = {"judge_split": str(cfg.judge_split)}
+        else:
+            log.warning("judge_split=%s: no split folder %s, so the judge is not checked on held-out real images "
+                        "(judge_split=null silences this)", cfg.judge_split, folder)
+    return RealImages(cfg.data, image_size, str(cfg.real_split), extra)
+
+
+def judge_on_real(judge, real: RealImages, captions: list[str], n: int, split: str, resamples: int,
+                  seed: int) -> list[dict[str, Any]]:
+    """The judge on up to ``n`` held-out real images of each caption (``split``, which it never trained on): what
+    a sampler that drew real renders would score, the ceiling for the samples' judged accuracy. The last row
+    pools the captions (``caption`` "all"), each with the same number of images, as the sample rows do."""
+    rows, hits_by_caption = [], {}
+    for caption in captions:
+        images = real.of(caption, n, seed, split=split)
+        row = {"caption": caption, "split": split, "n": 0 if images is None else len(images),
+               "objects": real.objects(caption, split)}
+        if images is not None:
+            hits_by_caption[caption] = judge.correct(images, torch.full((len(images),), judge.vocabulary.index(caption)))
+            row |= report.accuracy_columns(hits_by_caption[caption], resamples, seed)
+        rows.append(row)
+    per = min((len(h["caption"]) for h in hits_by_caption.values()), default=0)
+    if per and len(hits_by_caption) == len(captions):
+        pooled = {p: torch.cat([h[p][:per] for h in hits_by_caption.values()]) for p in report.ACC}
+        rows.append({"caption": "all", "split": split, "n": per * len(captions),
+                     "objects": sum(r["objects"] for r in rows),
+                     **report.accuracy_columns(pooled, resamples, seed, groups=len(captions))})
+    return rows
 
 
 def choose_captions(cfg: DictConfig, real: RealImages | None, judge_vocab: list[str]) -> tuple[list[str], str]:
@@ -154,6 +193,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     space = clip_features(cfg.clip_ckpt, device=device) if clean is not None else random_features()
     if clean is None:
         log.warning("no clip_ckpt: FD/KID in a fixed random conv feature space instead of the CLIP's")
+    ceiling = (judge_on_real(judge, real, captions, n, real.extra["judge_split"], int(cfg.bootstrap), int(cfg.seed))
+               if real is not None and "judge_split" in real.extra else [])
+    if ceiling:
+        report.write_csv(ceiling, report.CEILING_COLUMNS, out_dir / "judge_real.csv")
     real_by_caption = {c: real.of(c, int(cfg.num_real), int(cfg.seed)) if real is not None else None for c in captions}
     have = [r for r in real_by_caption.values() if r is not None and len(r) >= 2]
     per = min((len(r) for r in have), default=0)  # the same number of real images of every caption
@@ -221,14 +264,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "real": (f"up to {cfg.num_real} real `{cfg.real_split}` images of the caption from `{cfg.data.root}`"
                      if real is not None else "no real images (no data.root): FD/KID not computed"),
             "features": space.name + (" (the clean CLIP's image tower)" if clean is not None else " (no clip_ckpt)")}
-    md = report.markdown_report(summary, rows, info, grids, plot, out_dir)
+    md = report.markdown_report(summary, rows, info, grids, plot, out_dir, ceiling)
     wandb_dir = None
     if cfg.wandb.enabled:
         wcfg = {**OmegaConf.to_container(cfg.wandb, resolve=True),
                 "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)}
         wandb_dir = report.log_wandb(wcfg, rows, summary, {**grids, **({"accuracy_vs_scale": plot} if plot else {})},
                                      out_dir)
-    return {"run_dir": out_dir, "rows": rows, "summary": summary, "results": results, "report": md,
+    return {"run_dir": out_dir, "rows": rows, "summary": summary, "ceiling": ceiling, "results": results, "report": md,
             "grids": grids, "plot": plot, "wandb_dir": wandb_dir}
 
 

@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -135,6 +136,10 @@ class Stage:
         return None
 
     def start(self) -> None:
+        if (self.dir / MARKER).is_file():  # a finished run that is not reused: kept beside, never overwritten
+            kept = self.dir.with_name(f"{self.name}.replaced-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}")
+            os.replace(self.dir, kept)
+            log.info("[%s] its previous outputs are kept in %s", self.name, kept)
         log.info("[%s] %s   (%d thread%s; log: %s)", self.name, self.shown, self.threads, "s" * (self.threads > 1),
                  self.dir.parent / f"{self.name}.log")
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}

@@ -32,6 +32,7 @@ def models(tmp_path_factory):
         "cars_train": {"a1": "a red car", "a2": "a red car", "a3": "a green jeep/bus", "a4": "a white car",
                        "a5": "a blue car", "a6": "a blue car"},
         "cars_val": {"b1": "a red car"},
+        "cars_test": {"c1": "a red car", "c2": "a red car", "c3": "a green jeep/bus"},  # held out: judge_split
     }, views=3)
     return {"root": root, "ddpm": ddpm_export(tmp / "ddpm.pt"), "clip": clip_export(tmp / "clip.pt"),
             "judge": judge_export(tmp / "judge.pt"), "noisy": noisy_clip_export(tmp / "noisy.pt"), "tmp": tmp}
@@ -126,3 +127,30 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
     assert bootstrap_ci(small, seed=0) == (m, lo, hi)
     # pooled over captions: each caption's samples are resampled on their own (all red right, all green wrong)
     assert bootstrap_ci(torch.tensor([1, 1, 1, 0, 0, 0]), seed=0, groups=2) == (0.5, 0.5, 0.5)
+
+
+def test_judge_ceiling_on_held_out_real_images(evaluation, models, tmp_path):
+    """judge_real.csv: the judge scored on num_per_caption held-out (test) images of each caption, and the pooled
+    row; a judge that always answers 'a red car' scores 1 on red cars and 0 on the jeep, so the rows are per caption."""
+    rows = read_rows(evaluation["run_dir"] / "judge_real.csv")
+    assert [(r["caption"], r["split"], r["n"], r["objects"]) for r in rows] == [
+        ("a red car", "test", "3", "2"), ("a green jeep/bus", "test", "3", "1"), ("all", "test", "6", "3")]
+    assert "## The judge on held-out real images (`test`" in (evaluation["run_dir"] / "report.md").read_text()
+
+    from clipdiff.models.components.judge import load_judge
+
+    judge = load_judge(models["judge"])
+    with torch.no_grad():
+        judge.head[-1].bias.fill_(-1e4)[judge.vocabulary.index("a red car")] = 1e4
+    real = evaluate.open_real(compose_eval(args(models, tmp_path / "r")), 8)
+    out = evaluate.judge_on_real(judge, real, CAPTIONS, 3, "test", 200, 0)
+    assert [(r["caption"], r["acc_caption"], r["acc_colour"]) for r in out] == [
+        ("a red car", 1.0, 1.0), ("a green jeep/bus", 0.0, 0.0), ("all", 0.5, 0.5)]
+
+
+def test_missing_judge_split_is_a_warning_not_an_error(models, tmp_path, caplog):
+    cfg = compose_eval(args(models, tmp_path / "d", "data.splits.test=cars_nothing", 'captions=["a red car"]',
+                            "methods=[none]", "wandb.enabled=false"))
+    result = evaluate.run(cfg)
+    assert result["ceiling"] == [] and not (tmp_path / "d" / "judge_real.csv").exists()
+    assert "judge_split=test: no split folder" in caplog.text and "judge_split=null silences this" in caplog.text

@@ -120,6 +120,8 @@ def test_a_stage_whose_input_was_rebuilt_runs_again(tmp_path: Path, monkeypatch,
         stages["b"]["args"]["y"] = 2
         assert ran() == {"b", "c"}
         assert ran(rerun="all") == {"a", "b", "c", "side"}
+    kept = sorted(p.name.split(".")[0] for p in tmp_path.glob("*.replaced-*"))
+    assert kept == ["a", "a", "b", "b", "b", "c", "c", "c", "side"]  # every replaced run kept, none overwritten
     assert "[c] runs again: input(s) b rebuilt since" in caplog.text
     assert "[b] runs again: its arguments changed" in caplog.text
     marker = json.loads((tmp_path / "c" / "stage.json").read_text())

@@ -52,6 +52,11 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
         lines.append(f"| {r['method']} | {r['scale']} | {r['n']} | {pct(r, 'acc_caption')} | {pct(r, 'acc_colour')} | "
                      f"{pct(r, 'acc_type')} | {float(r['fd_mean']):.3g} | {float(r['kid_mean']):.3g} | {guide} | "
                      f"{float(r['sec_per_image']):.2f} |")
+    ceiling = evaluation / "judge_real.csv"
+    pooled = [r for r in csv.DictReader(ceiling.open()) if r["caption"] == "all"] if ceiling.is_file() else []
+    for r in pooled:  # the judge on held-out real renders: what a sampler drawing real cars would score
+        lines.append(f"| real `{r['split']}` images | – | {r['n']} | {pct(r, 'acc_caption')} | {pct(r, 'acc_colour')} | "
+                     f"{pct(r, 'acc_type')} | – | – | – | – |")
     docs.mkdir(parents=True, exist_ok=True)
     pictures = []
     for method in ("none", "clip", "noisy_clip"):
@@ -68,7 +73,8 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
     when = run.resolve().name
     return "\n".join([
         (f"Produced by `make demo` (run `{when}`; `python -m clipdiff.eval.readme` copied it here). {timing(run)}"
-        f"Judge accuracy with bootstrap 95% CIs; FD/KID per caption in the clean CLIP's feature space, averaged."),
+        f"Judge accuracy with bootstrap 95% CIs; FD/KID per caption in the clean CLIP's feature space, averaged"
+        f"{'; the last row is the judge on held-out real renders of the same captions, the ceiling' if pooled else ''}."),
         "", *lines, "", "<table><tr>" + "".join(f"<td>{p}</td>" for p in pictures) + "</tr></table>",
     ])
 

@@ -25,6 +25,8 @@ ACC = ("caption", "colour", "type")
 RESULT_COLUMNS = ["method", "caption", "scale", "n", "acc_caption", "acc_caption_lo", "acc_caption_hi",
                   "acc_colour", "acc_colour_lo", "acc_colour_hi", "acc_type", "acc_type_lo", "acc_type_hi",
                   "fd", "kid", "kid_std", "guide_acc", "clip_acc", "sec_per_image"]
+CEILING_COLUMNS = ["caption", "split", "n", "objects", "acc_caption", "acc_caption_lo", "acc_caption_hi", "acc_colour",
+                   "acc_colour_lo", "acc_colour_hi", "acc_type", "acc_type_lo", "acc_type_hi"]
 SUMMARY_COLUMNS = ["method", "scale", "n", "acc_caption", "acc_caption_lo", "acc_caption_hi", "acc_colour",
                    "acc_colour_lo", "acc_colour_hi", "acc_type", "acc_type_lo", "acc_type_hi", "fd", "kid",
                    "fd_mean", "kid_mean", "guide_acc", "clip_acc", "sec_per_image", "guided_steps"]
@@ -129,8 +131,10 @@ def _num(v: Any, digits: int = 3) -> str:
 
 
 def markdown_report(summary: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
-                    info: Mapping[str, Any], grids: Mapping[str, Path], plot: Path | None, out_dir: Path) -> Path:
-    """``report.md``: settings, the pooled table, the per-caption table, grids and the plot (relative links)."""
+                    info: Mapping[str, Any], grids: Mapping[str, Path], plot: Path | None, out_dir: Path,
+                    ceiling: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """``report.md``: settings, the pooled table, the judge on held-out real images (``ceiling``), the
+    per-caption table, grids and the plot (relative links)."""
     base = next((r for r in summary if r["method"] == "none"), None)
     lines = [
         "# clipdiff evaluation",
@@ -162,6 +166,14 @@ def markdown_report(summary: Sequence[Mapping[str, Any]], rows: Sequence[Mapping
                      f"{_pct(r, 'colour')} | {_pct(r, 'type')} | {_num(r['fd'])} | {_num(r['kid'])} | "
                      f"{_num(r['fd_mean'])} | {_num(r['guide_acc'], 2)} | {_num(r['clip_acc'], 2)} | "
                      f"{_num(r['sec_per_image'])} | {_num(ratio)} |")
+    if ceiling:
+        lines += ["", f"## The judge on held-out real images (`{ceiling[0]['split']}`, never seen in its training)", "",
+                  ("What a sampler that drew real renders would score: the ceiling for the rows above. Images of one "
+                   "object are alike, so the objects column says how much evidence a row holds."), "",
+                  "| caption | images | objects | caption acc | colour acc | type acc |", "|---|---|---|---|---|---|"]
+        for r in ceiling:
+            acc = [_pct(r, p) if "acc_caption" in r else "–" for p in ACC]
+            lines.append(f"| {r['caption']} | {r['n']} | {r['objects']} | {' | '.join(acc)} |")
     lines += ["", "## Per caption", "",
               "| method | scale | caption | n | caption acc | colour acc | type acc | FD | KID | guide acc |",
               "|---|---|---|---|---|---|---|---|---|---|"]
