@@ -95,7 +95,7 @@ def judge_on_real(judge, real: RealImages, captions: list[str], n: int, split: s
                   seed: int) -> list[dict[str, Any]]:
     """The judge on up to ``n`` held-out real images of each caption (``split``, which it never trained on): what
     a sampler that drew real renders would score, the ceiling for the samples' judged accuracy. The last row
-    pools the captions (``caption`` "all"), each with the same number of images, as the sample rows do."""
+    (``caption`` "all") averages the captions that have images there, each weighing the same, as in the sample rows."""
     rows, hits_by_caption = [], {}
     for caption in captions:
         images = real.of(caption, n, seed, split=split)
@@ -105,12 +105,13 @@ def judge_on_real(judge, real: RealImages, captions: list[str], n: int, split: s
             hits_by_caption[caption] = judge.correct(images, torch.full((len(images),), judge.vocabulary.index(caption)))
             row |= report.accuracy_columns(hits_by_caption[caption], resamples, seed)
         rows.append(row)
-    per = min((len(h["caption"]) for h in hits_by_caption.values()), default=0)
-    if per and len(hits_by_caption) == len(captions):
-        pooled = {p: torch.cat([h[p][:per] for h in hits_by_caption.values()]) for p in report.ACC}
-        rows.append({"caption": "all", "split": split, "n": per * len(captions),
-                     "objects": sum(r["objects"] for r in rows),
-                     **report.accuracy_columns(pooled, resamples, seed, groups=len(captions))})
+    if hits_by_caption:
+        pooled = {"caption": "all", "split": split, "n": sum(r["n"] for r in rows),
+                  "objects": sum(r["objects"] for r in rows)}
+        for part in report.ACC:
+            mean, lo, hi = report.macro_bootstrap_ci([h[part] for h in hits_by_caption.values()], resamples, seed)
+            pooled |= {f"acc_{part}": mean, f"acc_{part}_lo": lo, f"acc_{part}_hi": hi}
+        rows.append(pooled)
     return rows
 
 
@@ -270,7 +271,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         wcfg = {**OmegaConf.to_container(cfg.wandb, resolve=True),
                 "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)}
         wandb_dir = report.log_wandb(wcfg, rows, summary, {**grids, **({"accuracy_vs_scale": plot} if plot else {})},
-                                     out_dir)
+                                     out_dir, ceiling)
     return {"run_dir": out_dir, "rows": rows, "summary": summary, "ceiling": ceiling, "results": results, "report": md,
             "grids": grids, "plot": plot, "wandb_dir": wandb_dir}
 

@@ -88,7 +88,11 @@ def test_report_grids_plot_samples_and_wandb_on_disk(evaluation):
     assert folder.name == "a_green_jeep-bus"
     assert sorted(p.name for p in folder.glob("*.png")) == ["0000.png", "0001.png", "0002.png"]
     assert Image.open(folder / "0000.png").size == (8, 8)
-    assert list((run_dir / "wandb").glob("offline-run-*")), "the wandb run is written (offline) into the run dir"
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, "the wandb run is written (offline) into the run dir"
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # an offline run keeps its summary in this log
+    for key in (b"eval/noisy_clip/s4/acc_caption", b"eval/real_test/acc_caption", b"eval/judge_real"):
+        assert key in records, key
 
 
 def test_same_noise_for_every_method(evaluation):
@@ -146,6 +150,18 @@ def test_judge_ceiling_on_held_out_real_images(evaluation, models, tmp_path):
     out = evaluate.judge_on_real(judge, real, CAPTIONS, 3, "test", 200, 0)
     assert [(r["caption"], r["acc_caption"], r["acc_colour"]) for r in out] == [
         ("a red car", 1.0, 1.0), ("a green jeep/bus", 0.0, 0.0), ("all", 0.5, 0.5)]
+    out = evaluate.judge_on_real(judge, real, [*CAPTIONS, "a blue car"], 3, "test", 200, 0)  # no blue test car
+    assert [(r["caption"], r["n"], r.get("acc_caption")) for r in out] == [
+        ("a red car", 3, 1.0), ("a green jeep/bus", 3, 0.0), ("a blue car", 0, None), ("all", 6, 0.5)]
+
+
+def test_macro_bootstrap_weighs_each_stratum_the_same():
+    from clipdiff.eval.report import macro_bootstrap_ci
+
+    mean, lo, hi = macro_bootstrap_ci([np.ones(30), np.zeros(3)], resamples=500)
+    assert mean == 0.5 and lo == hi == 0.5  # constant strata: no spread, and 30 vs 3 images weigh the same
+    mean, lo, hi = macro_bootstrap_ci([np.r_[np.ones(10), np.zeros(10)], np.ones(5)], resamples=2000, seed=1)
+    assert mean == 0.75 and lo < 0.75 < hi and 0.6 < lo and hi < 0.9
 
 
 def test_missing_judge_split_is_a_warning_not_an_error(models, tmp_path, caplog):

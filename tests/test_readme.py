@@ -24,6 +24,7 @@ def fake_run(run: Path) -> None:
         csv.writer(f).writerows([["caption", "split", "n", "objects", "acc_caption", "acc_caption_lo", "acc_caption_hi",
                                   "acc_colour", "acc_colour_lo", "acc_colour_hi", "acc_type", "acc_type_lo", "acc_type_hi"],
                                  ["a red car", "test", "16", "3", "1", "1", "1", "1", "1", "1", "1", "1", "1"],
+                                 ["a red jeep/bus", "test", "0", "0", "", "", "", "", "", "", "", "", ""],
                                  ["all", "test", "32", "5", "0.875", "0.75", "1", "1", "1", "1", "0.9", "0.8", "1"]])
     for name in ("none_s0", "noisy_clip_s100"):
         (run / "evaluate" / "grids" / f"{name}.png").write_bytes(b"png")
@@ -41,8 +42,8 @@ def test_readme_block_comes_from_the_run(tmp_path: Path):
     assert "old table" not in text and text.startswith("# title\n") and text.endswith("below\n")
     assert "| noisy_clip | 100 | 16 | 62% [40%, 80%] | 94% [80%, 100%] |" in text
     assert "17.2 min wall on 2 CPUs (stages: render 58 s, label reused)" in text
-    assert "| real `test` images | – | 32 | 88% [75%, 100%] | 100% [100%, 100%] | 90% [80%, 100%] |" in text
-    assert "held-out real renders" in text
+    assert "| real `test` images\\* | – | 32 | 88% [75%, 100%] | 100% [100%, 100%] | 90% [80%, 100%] |" in text
+    assert "held-out real renders" in text and "with `test` images; none of: a red jeep/bus." in text
     assert (tmp_path / "docs" / "demo" / "noisy_clip.png").read_bytes() == b"png"
 
 

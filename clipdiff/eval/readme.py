@@ -52,11 +52,15 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
         lines.append(f"| {r['method']} | {r['scale']} | {r['n']} | {pct(r, 'acc_caption')} | {pct(r, 'acc_colour')} | "
                      f"{pct(r, 'acc_type')} | {float(r['fd_mean']):.3g} | {float(r['kid_mean']):.3g} | {guide} | "
                      f"{float(r['sec_per_image']):.2f} |")
-    ceiling = evaluation / "judge_real.csv"
-    pooled = [r for r in csv.DictReader(ceiling.open()) if r["caption"] == "all"] if ceiling.is_file() else []
+    ceiling = list(csv.DictReader((evaluation / "judge_real.csv").open())) if (evaluation / "judge_real.csv").is_file() else []
+    pooled = [r for r in ceiling if r["caption"] == "all"]
+    missing = [r["caption"] for r in ceiling if r["caption"] != "all" and r["n"] == "0"]
+    mark = "\\*" if missing else ""
     for r in pooled:  # the judge on held-out real renders: what a sampler drawing real cars would score
-        lines.append(f"| real `{r['split']}` images | – | {r['n']} | {pct(r, 'acc_caption')} | {pct(r, 'acc_colour')} | "
-                     f"{pct(r, 'acc_type')} | – | – | – | – |")
+        lines.append(f"| real `{r['split']}` images{mark} | – | {r['n']} | {pct(r, 'acc_caption')} | "
+                     f"{pct(r, 'acc_colour')} | {pct(r, 'acc_type')} | – | – | – | – |")
+    if pooled and missing:
+        lines += ["", f"\\* averaged over the captions with `{pooled[0]['split']}` images; none of: {', '.join(missing)}."]
     docs.mkdir(parents=True, exist_ok=True)
     pictures = []
     for method in ("none", "clip", "noisy_clip"):

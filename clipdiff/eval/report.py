@@ -60,6 +60,20 @@ def bootstrap_ci(hits: torch.Tensor | np.ndarray, resamples: int = 1000, seed: i
     return float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
+def macro_bootstrap_ci(strata: Sequence[torch.Tensor | np.ndarray], resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi) of the mean over strata of each stratum's mean (every caption weighs the same, however many
+    images it has); each stratum is resampled on its own."""
+    xs = [np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).ravel() for x in strata]
+    xs = [x for x in xs if x.size]
+    if not xs:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.mean([x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1) for x in xs], axis=0)
+    alpha = (1 - level) / 2
+    return float(np.mean([x.mean() for x in xs])), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
 def accuracy_columns(hits: Mapping[str, torch.Tensor], resamples: int, seed: int, groups: int = 1) -> dict[str, float]:
     out = {}
     for part in ACC:
@@ -195,9 +209,9 @@ def markdown_report(summary: Sequence[Mapping[str, Any]], rows: Sequence[Mapping
 
 
 def log_wandb(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]],
-              images: Mapping[str, Path], out_dir: Path) -> str | None:
-    """One wandb run (``cfg``: project, mode, group, name) with the tables, the pooled metrics and the images;
-    returns the run's local directory."""
+              images: Mapping[str, Path], out_dir: Path, ceiling: Sequence[Mapping[str, Any]] = ()) -> str | None:
+    """One wandb run (``cfg``: project, mode, group, name) with the tables, the pooled metrics, the judge on
+    held-out real images (``ceiling``) and the images; returns the run's local directory."""
     import wandb
 
     run = wandb.init(project=cfg.get("project", "clipdiff"), mode=cfg.get("mode", "offline"), dir=str(out_dir),
@@ -207,6 +221,13 @@ def log_wandb(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], summary
         run.log({"eval/results": wandb.Table(columns=RESULT_COLUMNS, data=[[_w(r.get(c)) for c in RESULT_COLUMNS] for r in rows]),
                  "eval/summary": wandb.Table(columns=SUMMARY_COLUMNS, data=[[_w(r.get(c)) for c in SUMMARY_COLUMNS] for r in summary]),
                  **{f"eval/{k}": wandb.Image(str(p)) for k, p in images.items()}})
+        if ceiling:
+            run.log({"eval/judge_real": wandb.Table(columns=CEILING_COLUMNS,
+                                                    data=[[_w(r.get(c)) for c in CEILING_COLUMNS] for r in ceiling])})
+            for r in ceiling:
+                if r["caption"] == "all":
+                    for part in ACC:
+                        run.summary[f"eval/real_{r['split']}/acc_{part}"] = _w(r[f"acc_{part}"])
         for r in summary:
             for key in ("acc_caption", "acc_colour", "acc_type", "fd", "kid", "fd_mean", "guide_acc", "sec_per_image"):
                 run.summary[f"eval/{r['method']}/s{scale_name(r['scale'])}/{key}"] = _w(r[key])
