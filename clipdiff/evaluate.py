@@ -106,12 +106,9 @@ def judge_on_real(judge, real: RealImages, captions: list[str], n: int, split: s
             row |= report.accuracy_columns(hits_by_caption[caption], resamples, seed)
         rows.append(row)
     if hits_by_caption:
-        pooled = {"caption": "all", "split": split, "n": sum(r["n"] for r in rows),
-                  "objects": sum(r["objects"] for r in rows)}
-        for part in report.ACC:
-            mean, lo, hi = report.macro_bootstrap_ci([h[part] for h in hits_by_caption.values()], resamples, seed)
-            pooled |= {f"acc_{part}": mean, f"acc_{part}_lo": lo, f"acc_{part}_hi": hi}
-        rows.append(pooled)
+        rows.append({"caption": "all", "split": split, "n": sum(r["n"] for r in rows),
+                     "objects": sum(r["objects"] for r in rows),
+                     **report.macro_accuracy_columns(list(hits_by_caption.values()), resamples, seed)})
     return rows
 
 

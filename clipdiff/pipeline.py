@@ -97,6 +97,19 @@ def dependencies(cfg: DictConfig, names: list[str]) -> dict[str, list[str]]:
     return deps
 
 
+def stage_selection(cfg: DictConfig, key: str) -> set[str] | None:
+    """``only`` / ``rerun``: a list of stage names, or ``all``; checked against the stages (None: not set)."""
+    value = cfg.get(key)
+    if not value:
+        return None
+    if value == "all":
+        return set(cfg.stages)
+    unknown = sorted(set(value) - set(cfg.stages))
+    if unknown:
+        raise ClipdiffError(f"{key}={sorted(value)} names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
+    return set(value)
+
+
 def read_marker(stage_dir: Path) -> dict:
     marker = stage_dir / MARKER
     return json.loads(marker.read_text()) if marker.is_file() else {}
@@ -121,13 +134,14 @@ class Stage:
 
     def __init__(self, name: str, stage: DictConfig, workdir: Path, threads: int, inputs: dict[str, float | None]):
         self.name, self.stage, self.dir, self.threads, self.inputs = name, stage, workdir / name, threads, inputs
+        self.args = stage_args(stage)
         self.cmd = stage_command(stage, self.dir)
         self.shown = " ".join(shlex.quote(c) for c in ["python", *self.cmd[1:]])
         self.process: LoggedProcess | None = None
 
     def reusable(self) -> dict | None:
         record = read_marker(self.dir)
-        if record and record.get("args") == stage_args(self.stage) and record.get("inputs") == self.inputs:
+        if record and record.get("args") == self.args and record.get("inputs") == self.inputs:
             return {**record, "stage": self.name, "dir": self.dir, "reused": True}
         if record:
             changed = [d for d, t in self.inputs.items() if (record.get("inputs") or {}).get(d) != t]
@@ -148,7 +162,7 @@ class Stage:
     def finish(self) -> dict:
         seconds = round(time.time() - self.process.started, 1)
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = {"args": stage_args(self.stage), "inputs": self.inputs, "command": self.shown, "seconds": seconds,
+        record = {"args": self.args, "inputs": self.inputs, "command": self.shown, "seconds": seconds,
                   "threads": self.threads, "started": round(self.process.started, 2), "finished": round(time.time(), 2)}
         with atomic_open(self.dir / MARKER, "w") as f:
             json.dump(record, f, indent=1)
@@ -166,7 +180,7 @@ def run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready) -> li
     selected = set(names)
     todo, running, done, records = list(names), {}, set(), {}
     jobs = max(1, int(cfg.get("jobs") or 1))
-    rerun = set(names) if cfg.get("rerun") == "all" else set(cfg.get("rerun") or [])
+    rerun = stage_selection(cfg, "rerun") or set()
     while todo or running:
         for name in list(todo):
             if len(running) >= jobs:
@@ -256,11 +270,8 @@ def main(cfg: DictConfig) -> None:
     out = run_dir()
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    only = set(cfg.only) if cfg.get("only") else None
-    for key, given in (("only", only), ("rerun", None if cfg.get("rerun") == "all" else cfg.get("rerun"))):
-        unknown = sorted(set(given or []) - set(cfg.stages))
-        if unknown:
-            raise ClipdiffError(f"{key}={sorted(given)} names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
+    only = stage_selection(cfg, "only")
+    stage_selection(cfg, "rerun")  # checked before anything runs
     t0 = time.time()
     names = [n for n in cfg.stages if not only or n in only]
     records = run_stages(cfg, names, workdir, on_ready=lambda name: data_report(cfg, out))

@@ -100,7 +100,6 @@ class CarsImages(Dataset):
             "view": torch.from_numpy(self.index.view_index[rows]),
         }
 
-
     def float_images(self, indices) -> torch.Tensor:
         """Images at ``indices`` as float32 [N, 3, H, W] in [0, 1] (for code that reads the dataset directly)."""
         return float_images(self.__getitems__([int(i) for i in indices])["image"])
@@ -222,6 +221,11 @@ class CarsDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "image" in batch:
             batch = {**batch, "image": float_images(batch["image"])}
         return batch
+
+    def caption_counts(self, num_classes: int, stage: str = "train") -> torch.Tensor:
+        """Images per caption id in ``stage`` (int64 [num_classes]), e.g. for class weights or a caption prior."""
+        ids = torch.as_tensor(self._dataset(stage).caption_ids, dtype=torch.long)
+        return torch.bincount(ids, minlength=num_classes)
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:

@@ -26,6 +26,11 @@ def pct(row: dict, key: str) -> str:
     return f"{float(row[key]):.0%}{ci}"
 
 
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def timing(run: Path) -> str:
     """"make demo took N min …" from the pipeline's log (stage and total wall times), or "" without a log."""
     log = run / "pipeline.log"
@@ -44,7 +49,7 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
     summary = evaluation / "summary.csv"
     if not summary.is_file():
         raise ClipdiffError(f"{summary} does not exist: run `make demo` first (or give a pipeline run directory)")
-    rows = list(csv.DictReader(summary.open()))
+    rows = read_rows(summary)
     lines = ["| method | scale | n | caption acc | colour acc | type acc | FD | KID | guide acc | s/image |",
              "| --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -52,7 +57,7 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
         lines.append(f"| {r['method']} | {r['scale']} | {r['n']} | {pct(r, 'acc_caption')} | {pct(r, 'acc_colour')} | "
                      f"{pct(r, 'acc_type')} | {float(r['fd_mean']):.3g} | {float(r['kid_mean']):.3g} | {guide} | "
                      f"{float(r['sec_per_image']):.2f} |")
-    ceiling = list(csv.DictReader((evaluation / "judge_real.csv").open())) if (evaluation / "judge_real.csv").is_file() else []
+    ceiling = read_rows(evaluation / "judge_real.csv") if (evaluation / "judge_real.csv").is_file() else []
     pooled = [r for r in ceiling if r["caption"] == "all"]
     missing = [r["caption"] for r in ceiling if r["caption"] != "all" and r["n"] == "0"]
     mark = "\\*" if missing else ""

@@ -41,6 +41,15 @@ def scale_name(scale: float) -> str:
     return f"{float(scale):g}"
 
 
+def _values(hits: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(hits.cpu() if isinstance(hits, torch.Tensor) else hits, dtype=np.float64).ravel()
+
+
+def _interval(mean: float, resampled: np.ndarray, level: float) -> tuple[float, float, float]:
+    alpha = (1 - level) / 2
+    return mean, float(np.quantile(resampled, alpha)), float(np.quantile(resampled, 1 - alpha))
+
+
 def bootstrap_ci(hits: torch.Tensor | np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95,
                  groups: int = 1) -> tuple[float, float, float]:
     """(mean, lo, hi): percentile bootstrap CI of the mean of per-sample values (NaN for no samples).
@@ -48,7 +57,7 @@ def bootstrap_ci(hits: torch.Tensor | np.ndarray, resamples: int = 1000, seed: i
     ``groups`` > 1: the values are that many equal, consecutive strata (the captions of a pooled row) and each
     stratum is resampled on its own, as the design fixes how many samples each caption gets.
     """
-    x = np.asarray(hits.cpu() if isinstance(hits, torch.Tensor) else hits, dtype=np.float64).ravel()
+    x = _values(hits)
     if x.size == 0:
         return math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
@@ -56,30 +65,36 @@ def bootstrap_ci(hits: torch.Tensor | np.ndarray, resamples: int = 1000, seed: i
     k = strata.shape[1]
     picks = rng.integers(0, k, size=(resamples, groups, k))
     means = np.take_along_axis(strata[None].repeat(resamples, 0), picks, axis=2).mean(axis=(1, 2))
-    alpha = (1 - level) / 2
-    return float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return _interval(float(x.mean()), means, level)
 
 
 def macro_bootstrap_ci(strata: Sequence[torch.Tensor | np.ndarray], resamples: int = 1000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float, float]:
     """(mean, lo, hi) of the mean over strata of each stratum's mean (every caption weighs the same, however many
     images it has); each stratum is resampled on its own."""
-    xs = [np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).ravel() for x in strata]
-    xs = [x for x in xs if x.size]
+    xs = [x for x in map(_values, strata) if x.size]
     if not xs:
         return math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = np.mean([x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1) for x in xs], axis=0)
-    alpha = (1 - level) / 2
-    return float(np.mean([x.mean() for x in xs])), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return _interval(float(np.mean([x.mean() for x in xs])), means, level)
+
+
+def _columns(ci) -> dict[str, float]:
+    out = {}
+    for part in ACC:
+        mean, lo, hi = ci(part)
+        out |= {f"acc_{part}": mean, f"acc_{part}_lo": lo, f"acc_{part}_hi": hi}
+    return out
 
 
 def accuracy_columns(hits: Mapping[str, torch.Tensor], resamples: int, seed: int, groups: int = 1) -> dict[str, float]:
-    out = {}
-    for part in ACC:
-        mean, lo, hi = bootstrap_ci(hits[part], resamples, seed, groups=groups)
-        out |= {f"acc_{part}": mean, f"acc_{part}_lo": lo, f"acc_{part}_hi": hi}
-    return out
+    return _columns(lambda part: bootstrap_ci(hits[part], resamples, seed, groups=groups))
+
+
+def macro_accuracy_columns(hits: Sequence[Mapping[str, torch.Tensor]], resamples: int, seed: int) -> dict[str, float]:
+    """:func:`accuracy_columns` of strata of unequal sizes (one per caption), each caption weighing the same."""
+    return _columns(lambda part: macro_bootstrap_ci([h[part] for h in hits], resamples, seed))
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: Path) -> Path:

@@ -61,12 +61,10 @@ class JudgeModule(L.LightningModule):
         if stage != "fit" or self.hparams.class_weighting == "none":
             return
         dm = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(dm, "datasets", {}).get("train") if dm is not None else None
-        ids = getattr(dataset, "caption_ids", None)
-        if ids is None:
+        if not hasattr(dm, "caption_counts"):
             raise ClipdiffError("model.class_weighting needs the training captions of CarsDataModule; "
                                 "set model.class_weighting=none for another data source")
-        counts = torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=len(self.vocabulary)).double()
+        counts = dm.caption_counts(len(self.vocabulary)).double()
         w = counts.clamp_min(1.0).rsqrt()
         w = w / ((w * counts).sum() / counts.sum())  # mean weight over training images = 1
         self.class_weight.copy_(w.float())

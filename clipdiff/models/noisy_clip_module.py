@@ -105,8 +105,7 @@ class NoisyClipModule(L.LightningModule):
             self.loss_fn.rank, self.loss_fn.world_size = self.trainer.global_rank, self.trainer.world_size
         tau = float(self.loss_weights["logit_adjust"])
         if tau and stage == "fit" and getattr(self.trainer, "datamodule", None) is not None:
-            ids = torch.as_tensor(self.trainer.datamodule._dataset("train").caption_ids)
-            counts = torch.bincount(ids, minlength=len(self.hparams.vocabulary)).float()
+            counts = self.trainer.datamodule.caption_counts(len(self.hparams.vocabulary)).float()
             self.register_buffer("log_prior", tau * (counts + 1).div(counts.sum() + len(counts)).log(), persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
