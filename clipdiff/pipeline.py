@@ -5,7 +5,8 @@ so the pipeline's log shows exactly what to type to redo a step by hand. Stage o
 ``pipeline.workdir`` (default ``outputs/demo``); a stage that finished with the same command on the same inputs
 before is reused (``rerun=[clip]`` or ``rerun=all`` forces stages, and whatever is after them, to run again),
 and an interrupted training stage resumes from its ``last.ckpt``. The run directory of the pipeline itself
-holds the log, the dataset statistics, the contact sheet and the report; ``outputs/latest_demo`` points at it.
+holds the log, the dataset statistics, the contact sheet and the report; ``outputs/latest_<workdir name>``
+(``outputs/latest_demo``) points at the newest run that ran every stage.
 """
 
 from __future__ import annotations
@@ -108,6 +109,30 @@ def stage_selection(cfg: DictConfig, key: str) -> set[str] | None:
     if unknown:
         raise ClipdiffError(f"{key}={sorted(value)} names unknown stage(s) {unknown}; stages: {list(cfg.stages)}")
     return set(value)
+
+
+def check_selection_inputs(cfg: DictConfig, names: list[str], workdir: Path) -> None:
+    """With ``only``, every stage a chosen stage is after must be chosen too or have finished in ``workdir``
+    before (an in-process stage such as the data report leaves nothing on disk: its own inputs count)."""
+    deps, chosen = dependencies(cfg, list(cfg.stages)), set(names)
+
+    def missing(stage: str) -> list[str]:
+        out = []
+        for d in deps[stage]:
+            if d in chosen:
+                continue
+            if cfg.stages[d].command == "data_report":
+                out += missing(d)
+            elif not read_marker(workdir / d):
+                out.append(d)
+        return out
+
+    for name in names:
+        lacking = missing(name)
+        if lacking:
+            fix = [n for n in cfg.stages if n in chosen or n in lacking]
+            raise ClipdiffError(f"only={names}: stage '{name}' needs {lacking}, which has not finished in {workdir}; "
+                                f"add it: only=[{','.join(fix)}]")
 
 
 def read_marker(stage_dir: Path) -> dict:
@@ -274,13 +299,21 @@ def main(cfg: DictConfig) -> None:
     stage_selection(cfg, "rerun")  # checked before anything runs
     t0 = time.time()
     names = [n for n in cfg.stages if not only or n in only]
+    if only:
+        check_selection_inputs(cfg, names, workdir)
     records = run_stages(cfg, names, workdir, on_ready=lambda name: data_report(cfg, out))
     report = write_report(out, records)
     log.info("report: %s", report)
-    point_latest(Path(cfg.paths.output_dir) / "latest_demo", out)
     log.info("pipeline finished in %.0f s on %d CPUs", time.time() - t0, os.cpu_count() or 1)
     print(f"run directory: {out}")
-    print(f"latest demo:   {Path(cfg.paths.output_dir) / 'latest_demo'}")
+    # outputs/latest_<workdir name> (latest_demo for make demo) names the newest *complete* run of that workdir:
+    # eval.readme and make bench read their results from it, so a partial run (only=…) leaves it alone
+    latest = Path(cfg.paths.output_dir) / f"latest_{workdir.name}"
+    if only:
+        print(f"{latest.name} not moved: a partial run (only={sorted(only)})")
+    else:
+        point_latest(latest, out)
+        print(f"latest run:    {latest}")
     OmegaConf.save(cfg, out / "pipeline.yaml")
 
 

@@ -12,16 +12,17 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-from hydra.utils import get_class, instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.cli import hydra_entry
 
+if TYPE_CHECKING:
+    import lightning as L
+
+# Lightning, torch and the models are imported where they are used, so that `--help` and `--cfg job` answer at once.
 log = logging.getLogger("clipdiff.train")
 
 NOT_MODULE_ARGS = ("monitor",)  # model-group keys read by callbacks, not passed to the module
@@ -29,6 +30,8 @@ NOT_MODULE_ARGS = ("monitor",)  # model-group keys read by callbacks, not passed
 
 def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
     """Instantiate the model group; modules that take ``vocabulary`` get the DataModule's captions."""
+    from hydra.utils import get_class, instantiate
+
     # resolve first: a detached copy could not follow interpolations into other groups (${data.image_size})
     resolved = OmegaConf.to_container(model_cfg, resolve=True)
     args = {k: v for k, v in resolved.items() if k not in NOT_MODULE_ARGS}
@@ -40,6 +43,8 @@ def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
+    from hydra.utils import instantiate
+
     if not group:
         return []
     return [instantiate(node, _convert_="all") for node in group.values() if node and "_target_" in node]
@@ -72,7 +77,22 @@ def log_friendly_progress_bar(callbacks: list, enabled: bool, on_terminal: bool)
     return [TQDMProgressBar(refresh_rate=10)]
 
 
+def without_logger_only_callbacks(callbacks: list, loggers: list) -> list:
+    """``logger=none``: Lightning's LearningRateMonitor refuses to run without a logger, so it is left out."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+    if dropped:
+        log.info("no logger: the learning-rate monitor is off")
+    return [c for c in callbacks if c not in dropped]
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    import lightning as L
+    from hydra.utils import instantiate
+
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
@@ -81,6 +101,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks += log_friendly_progress_bar(callbacks, cfg.trainer.get("enable_progress_bar", True), sys.stdout.isatty())
     loggers = instantiate_group(cfg.get("logger"))
+    callbacks = without_logger_only_callbacks(callbacks, loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -102,13 +123,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
 
+def finish_wandb_run() -> None:
+    """Close this job's wandb run: Lightning's WandbLogger leaves it open, and the next job of a multirun (same
+    process) would otherwise log into it instead of starting its own run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 @hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         metrics, _ = train(cfg)
     except SIGTERMException:
         log.warning("stopped by SIGTERM; continue with: python -m clipdiff.train … ckpt_path=%s", cfg.paths.run_dir)
         sys.exit(128 + signal.SIGTERM)
+    finally:
+        finish_wandb_run()
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     log.info("final metrics (best checkpoint's epoch is exported): %s", shown)
     log.info("run directory: %s", cfg.paths.run_dir)

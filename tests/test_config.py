@@ -8,6 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+import clipdiff  # noqa: F401  (registers the resolvers the configs use, as every command does)
+
 
 def composed(name: str, overrides: list[str]):
     GlobalHydra.instance().clear()
@@ -48,3 +50,37 @@ def test_off_a_terminal_training_shows_a_line_based_progress_bar():
     assert log_friendly_progress_bar([], enabled=True, on_terminal=True) == []
     assert log_friendly_progress_bar([], enabled=False, on_terminal=False) == []
     assert log_friendly_progress_bar([RichProgressBar()], enabled=True, on_terminal=False) == []
+
+
+def test_training_without_a_logger_runs(flat_root, tmp_path):
+    """``logger=none``: the default callbacks hold a learning-rate monitor, which Lightning refuses without a logger."""
+    from conftest import compose_config
+
+    from clipdiff.train import train
+
+    cfg = compose_config("train", ["model=judge", f"data.root={flat_root}", "data.cache=false", "data.progress=false",
+                                   "data.batch_size=4", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+                                   "logger=none", f"paths.run_dir={tmp_path / 'run'}"])
+    assert "lr_monitor" in cfg.callbacks
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 1 and objects["trainer"].loggers == []
+    assert (tmp_path / "run" / "export.pt").is_file()
+
+
+def test_train_task_name_resolves_before_any_job_exists():
+    """``hydra.sweep.dir`` is read by the launcher before a job's HydraConfig exists: the model choice must come
+    from the composed config then (``python -m clipdiff.train -m …`` crashed on ``${hydra:runtime.choices.model}``)."""
+    cfg = composed("train", ["model=ddpm"])  # with its hydra node, no HydraConfig set: the launcher's view
+    assert cfg.hydra.sweep.dir.split("/")[-3] == "train_ddpm" and cfg.task_name == "train_ddpm"
+
+
+def test_no_config_reads_hydra_runtime_values_where_hydra_resolves_them_before_a_job():
+    """The same class of bug anywhere: ``${hydra:…}`` in task_name or hydra.sweep.* of any command's config."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    for name in ["train", "sample", "evaluate", "label", "render", "pipeline", "aggregate"]:
+        cfg = composed(name, [])
+        GlobalHydra.instance().clear()
+        read_early = OmegaConf.masked_copy(cfg, [k for k in ("task_name",) if k in cfg])
+        assert "${hydra:" not in OmegaConf.to_yaml(cfg.hydra.sweep) + OmegaConf.to_yaml(read_early), name
+        assert cfg.hydra.sweep.dir  # resolves with no HydraConfig set (subdir is per job: hydra.job.num)

@@ -126,3 +126,44 @@ def test_a_stage_whose_input_was_rebuilt_runs_again(tmp_path: Path, monkeypatch,
     assert "[b] runs again: its arguments changed" in caplog.text
     marker = json.loads((tmp_path / "c" / "stage.json").read_text())
     assert marker["inputs"] == {"b": json.loads((tmp_path / "b" / "stage.json").read_text())["finished"]}
+
+
+def test_only_refuses_a_stage_whose_inputs_are_neither_chosen_nor_finished(tmp_path: Path):
+    from clipdiff.errors import ClipdiffError
+    from clipdiff.pipeline import check_selection_inputs
+
+    cfg = pipeline_cfg({"render": {"command": "render", "after": []}, "label": {"command": "label"},
+                        "data": {"command": "data_report", "after": ["label"]},
+                        "clip": {"command": "train", "after": ["data"]}})
+    with pytest.raises(ClipdiffError, match=r"stage 'data' needs \['label'\].*only=\[render,label,data\]"):
+        check_selection_inputs(cfg, ["render", "data"], tmp_path)
+    with pytest.raises(ClipdiffError, match=r"stage 'clip' needs \['label'\]"):  # through the in-process report
+        check_selection_inputs(cfg, ["clip"], tmp_path)
+    check_selection_inputs(cfg, ["render", "label", "data"], tmp_path)
+    (tmp_path / "label").mkdir()
+    (tmp_path / "label" / "stage.json").write_text('{"finished": 1.0}')  # label finished in an earlier run
+    check_selection_inputs(cfg, ["render", "data"], tmp_path)
+    check_selection_inputs(cfg, ["clip"], tmp_path)
+
+
+def test_a_partial_run_leaves_latest_demo_alone(tmp_path: Path):
+    """``only=`` (the conf's own example) on a new dataset: refused in one line before anything runs; a partial run
+    that can run does, and does not repoint ``outputs/latest_demo`` (eval.readme and make bench read it)."""
+    env = {**os.environ, "CLIPDIFF_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": str(REPO)}
+    tiny = ["stages.render.args.num_objects=4", "stages.render.args.views_per_object=1",
+            "stages.render.args.image_size=32"]
+
+    def pipeline(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clipdiff.pipeline", *tiny, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    refused = pipeline("only=[render,data]")
+    assert refused.returncode == 2 and not (tmp_path / "outputs" / "data" / "procedural").exists()
+    assert refused.stderr.strip().splitlines() == [
+        (f"clipdiff: error: only=['render', 'data']: stage 'data' needs ['label'], which has not finished in "
+        f"{tmp_path}/outputs/demo; add it: only=[render,label,data]")]
+    done = pipeline("only=[render]")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "outputs" / "demo" / "render" / "stage.json").is_file()
+    assert not (tmp_path / "outputs" / "latest_demo").exists() and "latest_demo not moved" in done.stdout

@@ -52,3 +52,13 @@ def test_readme_without_a_demo_says_what_to_run(tmp_path: Path, capsys):
     readme.write_text(f"{START}\n{END}\n")
     assert main([str(tmp_path / "nothing"), "--readme", str(readme)]) == 2
     assert "run `make demo` first" in capsys.readouterr().err
+
+
+def test_docs_folder_outside_the_readme_folder(tmp_path: Path):
+    run = tmp_path / "run"
+    fake_run(run)
+    readme = tmp_path / "project" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"{START}\n{END}\n")
+    assert main([str(run), "--readme", str(readme), "--docs", str(tmp_path / "elsewhere")]) == 0
+    assert '<img src="../elsewhere/noisy_clip.png"' in readme.read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import shutil
 import sys
@@ -78,7 +79,7 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
         if grid.is_file():
             target = docs / f"{method}.png"
             shutil.copyfile(grid, target)
-            pictures.append(f'<b>{method}</b> (scale {scale})<br><img src="{target.resolve().relative_to(readme_dir)}" width="300">')
+            pictures.append(f'<b>{method}</b> (scale {scale})<br><img src="{Path(os.path.relpath(target.resolve(), readme_dir)).as_posix()}" width="300">')
     when = run.resolve().name
     return "\n".join([
         (f"Produced by `make demo` (run `{when}`; `python -m clipdiff.eval.readme` copied it here). {timing(run)}"
