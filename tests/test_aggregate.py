@@ -1,5 +1,5 @@
 """``python -m clipdiff.aggregate``: a sweep directory → one table with the overrides as columns and the
-accuracy-vs-FD plot; on a synthetic evaluate sweep, and on a real (tiny) Optuna training sweep."""
+accuracy-vs-FD plot; on a synthetic evaluate sweep, real sweeps run from the README in test_readme_commands.py."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_config, write_srn
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 from hydra.core.hydra_config import HydraConfig
 
 from clipdiff.aggregate import run
 from clipdiff.errors import ClipdiffError
 from clipdiff.eval.report import SUMMARY_COLUMNS, write_csv
-from clipdiff.train import main as train_main
 
 
 def fake_job(sweep: Path, num: int, overrides: list[str], summary: list[dict] | None = None) -> Path:
@@ -80,33 +78,6 @@ def test_optuna_search_composes():
                                    "model.label_aware"}
     assert cfg.optimized_metric == "val/acc_caption" == cfg.model.monitor.metric
     assert HydraConfig.get().mode.name == "MULTIRUN"
-
-
-@pytest.mark.slow
-def test_real_optuna_sweep_returns_the_metric_and_aggregates(tmp_path, monkeypatch):
-    root = write_srn(tmp_path / "flat", {
-        "cars_train": {"a1": "a red car", "a2": "a blue car", "a3": "a white car", "a5": "a green jeep/bus"},
-        "cars_val": {"b1": "a red car", "b2": "a white car"}, "cars_test": {"c1": "a blue car"}})
-    sweep = tmp_path / "sweep"
-    # `python -m clipdiff.train hparams_search=clip_optuna …`, in this process (the basic launcher runs the
-    # trials in-process anyway; a subprocess would spend most of the time importing)
-    monkeypatch.setattr(sys, "argv", [
-        "clipdiff.train", "hparams_search=clip_optuna", "hydra.sweeper.n_trials=2", f"data.root={root}",
-        "data.cache=false", "data.progress=false", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-        "trainer.enable_progress_bar=false", "logger=csv", f"hydra.sweep.dir={sweep}"])
-    GlobalHydra.instance().clear()
-    train_main()
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.optimizer.lr", "model.optimizer.weight_decay", "data.batch_size",
-                                        "model.label_aware"}
-    assert 0.0 <= best["best_value"] <= 1.0
-
-    result = run(compose_config("aggregate", [f"sweep_dir={sweep}", f"paths.run_dir={tmp_path / 'agg'}"]))
-    rows = read(tmp_path / "agg" / "aggregate.csv")
-    assert [r["job"] for r in rows] == ["0", "1"] and all(r["kind"] == "train" for r in rows)
-    assert {r["data.batch_size"] for r in rows} <= {"32", "64", "128"} and all(r["model.optimizer.lr"] for r in rows)
-    assert max(float(r["val/acc_caption"]) for r in rows) == pytest.approx(best["best_value"])
-    assert result["plot"] is None  # training sweeps have no FD
 
 
 def test_command_line_error_is_one_line(tmp_path):
