@@ -192,6 +192,7 @@ def test_conf_guidance_instantiates_the_settings_classes():
         settings = instantiate(compose_config("sample", [f"guidance={name}"]).guidance)
         assert type(settings) is cls and settings.kind == name and settings.scale == scale
         assert settings.as_dict()["name"] == name and settings.window == [0.0, 1.0]
+        assert settings.as_dict() == cls().as_dict()  # Python callers get the config's defaults
     assert not compose_config("sample", ["guidance=none"]).get("guidance")
 
 

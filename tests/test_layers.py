@@ -75,7 +75,7 @@ def test_the_checker_sees_upward_imports_inside_functions(tmp_path, monkeypatch)
     (fake / "eval" / "fid.py").write_text("from clipdiff import pipelines\nfrom clipdiff.models import export\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert violations(sorted(fake.rglob("*.py"))) == [
-        "clipdiff/diffusion/guide.py:6 clipdiff.diffusion.guide (diffusion math and data) imports "
-        "clipdiff.models.components.clip (models)",
-        "clipdiff/eval/fid.py:1 clipdiff.eval.fid (pipelines and tools) imports clipdiff.pipelines "
-        "(pipelines and tools)"]
+        ("clipdiff/diffusion/guide.py:6 clipdiff.diffusion.guide (diffusion math and data) imports "
+        "clipdiff.models.components.clip (models)"),
+        ("clipdiff/eval/fid.py:1 clipdiff.eval.fid (pipelines and tools) imports clipdiff.pipelines "
+        "(pipelines and tools)")]

@@ -252,7 +252,8 @@ class GuidedEps:
 # -- settings: what conf/guidance/<kind>.yaml instantiates ---------------------------------------------------------
 @dataclasses.dataclass
 class Guidance:
-    """How a guide steers (the module doc has the math); ``kind`` names the guide model it needs."""
+    """How a guide steers (the module doc has the math); ``kind`` names the guide model it needs. The defaults of
+    the subclasses are those of ``conf/guidance/<kind>.yaml`` (tests/test_guidance.py checks that they agree)."""
 
     kind: ClassVar[str] = ""
     scale: float = 1.0
@@ -305,6 +306,7 @@ class ClipGuidance(Guidance):
     """The clean CLIP through x0_hat; ``grad_through_eps`` backpropagates through the UNet as well."""
 
     kind: ClassVar[str] = "clip"
+    scale: float = 30.0
     grad_clip: float | None = 0.05
     grad_through_eps: bool = False
 
@@ -321,6 +323,7 @@ class NoisyClipGuidance(Guidance):
     """The noisy CLIP on (x_t, t)."""
 
     kind: ClassVar[str] = "noisy_clip"
+    scale: float = 100.0
 
     def guide(self, model, extra, scheduler, unet):
         return NoisyClipGuide(model.eval().requires_grad_(False), extra)
