@@ -7,13 +7,17 @@ from the same seed, so every method starts from the same initial noise. Writes i
 ``results.csv`` (a row per method × caption × scale), ``summary.csv`` (captions pooled), ``judge_real.csv`` (the
 judge on held-out real images of each caption: the ceiling), ``accuracy_vs_scale.png`` (several scales),
 ``report.md`` and an (offline by default) wandb run. ``none`` runs once, as scale 0.
+
+A thin caller of :class:`clipdiff.pipelines.guided.GuidedPipeline`: the DDPM, the guides and the clean CLIP (also
+the FD/KID feature space) are loaded once, and every method × scale is checked (options, prompts, exports) before
+the first image is drawn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,131 +28,42 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipdiff.diffusion.guidance import instantiate_guidance
-from clipdiff.diffusion.sampling import sample
-from clipdiff.diffusion.schedule import sampling_scheduler
 from clipdiff.errors import ClipdiffError
 from clipdiff.eval import report
+from clipdiff.eval.fid import clip_features, fd_kid, random_features
+from clipdiff.eval.real import RealImages, choose_captions, judge_on_real, open_real  # noqa: F401 (API)
 from clipdiff.models.components.judge import load_judge
-from clipdiff.models.components.unet import load_ddpm
-from clipdiff.sample import SAMPLER_ONLY, pick_device
+from clipdiff.pipelines.guided import GuidedPipeline, Prepared, pick_device
 from clipdiff.utils.cli import hydra_entry
 
 log = logging.getLogger("clipdiff.evaluate")
 
-EVAL_ONLY = ("scales",)  # keys of guides.<method> read here, not passed to the factory
+
+def plan(cfg: DictConfig, pipe: GuidedPipeline, targets: list[str]) -> list[tuple[str, float, Prepared]]:
+    """Every method × scale, checked and ready to draw (bad option values, prompts or guides fail here, one line
+    naming the key, before anything is sampled)."""
+    sampler = instantiate(cfg.sampler).check()
+    common = {"sampler": sampler, "seed": int(cfg.seed), "batch_size": int(cfg.batch_size)}
+    jobs = []
+    for method in [str(m) for m in cfg.methods]:
+        if method == "none":
+            jobs.append(("none", 0.0, pipe.prepare(targets, method="none", **common)))
+            continue
+        settings = instantiate(cfg.guides[method])
+        for scale in (cfg.method_scales.get(method) or cfg.scales):
+            job = pipe.prepare(targets, guidance=dataclasses.replace(settings, scale=float(scale)),
+                               prefix=f"guides.{method}", **common)
+            jobs.append((method, float(scale), job))
+    return jobs
 
 
-# -- real images and captions -------------------------------------------------------------------------------------
-class RealImages:
-    """Real images of one caption from the dataset (``data`` config), at the DDPM's size; None when absent.
-
-    ``split`` gives the images FD/KID compare against; ``extra`` names other stages read here (``judge_split``)."""
-
-    def __init__(self, data_cfg: DictConfig, image_size: int, split: str, extra: dict[str, str] | None = None):
-        splits = dict(data_cfg.splits)
-        for key, stage in {"real_split": split, **(extra or {})}.items():
-            if stage not in splits:
-                raise ClipdiffError(f"{key}={stage}: data.splits has no such stage (have: {', '.join(splits)})")
-        read = ("train", split, *(extra or {}).values())
-        wanted = {s: splits[s] for s in splits if s in read}  # only the splits read here are scanned
-        node = {**OmegaConf.to_container(data_cfg, resolve=True), "splits": wanted, "image_size": image_size,
-                "progress": False}
-        self.dm = instantiate(node, _convert_="all")
-        self.split, self.extra = split, dict(extra or {})
-        self.index = self.dm.index()
-
-    def train_counts(self) -> Counter:
-        return Counter(self.index["train" if "train" in self.index else self.split].captions)
-
-    def objects(self, caption: str, split: str) -> int:
-        return Counter(self.index[split].captions)[caption]
-
-    def of(self, caption: str, limit: int, seed: int, split: str | None = None) -> torch.Tensor | None:
-        if caption not in self.dm.vocab:
-            return None
-        ds = self.dm._dataset(split or self.split)
-        rows = (torch.as_tensor(ds.caption_ids) == self.dm.vocab.index(caption)).nonzero().flatten()
-        if len(rows) == 0:
-            return None
-        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]].sort().values
-        return ds.float_images(rows)
-
-
-def open_real(cfg: DictConfig, image_size: int) -> RealImages | None:
-    root = Path(str(cfg.data.root))
-    if not root.is_dir():
-        log.warning("data.root=%s does not exist: no FD/KID (give data.root=… for real images)", root)
-        return None
-    extra = None
-    if cfg.get("judge_split"):
-        folder = root / str(dict(cfg.data.splits).get(str(cfg.judge_split), ""))
-        if folder.is_dir() and folder != root:
-            extra = {"judge_split": str(cfg.judge_split)}
-        else:
-            log.warning("judge_split=%s: no split folder %s, so the judge is not checked on held-out real images "
-                        "(judge_split=null silences this)", cfg.judge_split, folder)
-    return RealImages(cfg.data, image_size, str(cfg.real_split), extra)
-
-
-def judge_on_real(judge, real: RealImages, captions: list[str], n: int, split: str, resamples: int,
-                  seed: int) -> list[dict[str, Any]]:
-    """The judge on up to ``n`` held-out real images of each caption (``split``, which it never trained on): what
-    a sampler that drew real renders would score, the ceiling for the samples' judged accuracy. The last row
-    (``caption`` "all") averages the captions that have images there, each weighing the same, as in the sample rows."""
-    rows, hits_by_caption = [], {}
-    for caption in captions:
-        images = real.of(caption, n, seed, split=split)
-        row = {"caption": caption, "split": split, "n": 0 if images is None else len(images),
-               "objects": real.objects(caption, split)}
-        if images is not None:
-            hits_by_caption[caption] = judge.correct(images, torch.full((len(images),), judge.vocabulary.index(caption)))
-            row |= report.accuracy_columns(hits_by_caption[caption], resamples, seed)
-        rows.append(row)
-    if hits_by_caption:
-        rows.append({"caption": "all", "split": split, "n": sum(r["n"] for r in rows),
-                     "objects": sum(r["objects"] for r in rows),
-                     **report.macro_accuracy_columns(list(hits_by_caption.values()), resamples, seed)})
-    return rows
-
-
-def choose_captions(cfg: DictConfig, real: RealImages | None, judge_vocab: list[str]) -> tuple[list[str], str]:
-    if cfg.captions:
-        captions, source = [str(c) for c in cfg.captions], "given"
-    elif real is not None:
-        counts = real.train_counts()
-        captions = [c for c, _ in counts.most_common() if c in judge_vocab][: int(cfg.num_captions)]
-        source = "the most frequent training labels"
-    else:
-        from clipdiff.data.vocab import caption_prior
-
-        captions = [c for c in caption_prior() if c in judge_vocab][: int(cfg.num_captions)]
-        source = "the most frequent of the reference caption prior (no data.root)"
-    unknown = [c for c in captions if c not in judge_vocab]
-    if unknown:
-        raise ClipdiffError(f"captions {unknown} are not in the judge's vocabulary of {len(judge_vocab)} captions: "
-                            f"the judge could not score them")
-    if not captions:
-        raise ClipdiffError("no captions to evaluate (captions=[…] or a dataset with training labels)")
-    return list(dict.fromkeys(captions)), source
-
-
-# -- one method × scale --------------------------------------------------------------------------------------------
-def build_cond(cfg: DictConfig, method: str, scale: float, targets: list[str], schedule: dict, scheduler, unet,
-               device: torch.device, loaded: dict[str, Any]):
-    """The method's cond_fn at ``scale``; the guide model is loaded once (``loaded``) and shared across scales."""
-    if method == "none":
-        return None
-    node = OmegaConf.to_container(cfg.guides[method], resolve=True)
-    for k in EVAL_ONLY:
-        node.pop(k, None)
-    if method in loaded:
-        node["checkpoint"] = loaded[method]
-    cond = instantiate_guidance(node, scale=scale, schedule=schedule, num_samples=len(targets), device=device,
-                                targets=targets, scheduler=scheduler, unet=unet, image_size=unet.config.sample_size)
-    guide = cond.guide
-    loaded[method] = guide.clf if hasattr(guide, "clf") else guide.model
-    return cond
+def load(cfg: DictConfig, methods: list[str]) -> GuidedPipeline:
+    """The DDPM, each guide a method needs and the clean CLIP (``clip_ckpt``, the FD/KID space), loaded once."""
+    kinds = {instantiate(cfg.guides[m]).kind for m in methods if m != "none"}
+    paths = {kind: cfg.get(f"{kind}_ckpt") for kind in kinds}
+    if cfg.clip_ckpt:
+        paths["clip"] = cfg.clip_ckpt
+    return GuidedPipeline.from_exports(cfg.ddpm_ckpt, paths, device=pick_device(str(cfg.device)))
 
 
 def save_pngs(images: torch.Tensor, targets: list[str], folder: Path) -> None:
@@ -171,24 +86,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ClipdiffError(f"methods={methods}: choose from none, {', '.join(cfg.guides)}")
     if int(cfg.num_per_caption) < 2:
         raise ClipdiffError("num_per_caption must be at least 2 (FD/KID and bootstrap CIs need 2 samples)")
-    device = pick_device(str(cfg.device))
-    unet, schedule = load_ddpm(cfg.ddpm_ckpt, key="ddpm_ckpt", device=device)
-    size = int(unet.config.sample_size)
+    pipe = load(cfg, methods)
+    device = pipe.device
     judge = load_judge(cfg.judge_ckpt, key="judge_ckpt")
-    real = open_real(cfg, size)
+    real = open_real(cfg, pipe.image_size)
     captions, captions_from = choose_captions(cfg, real, judge.vocabulary)
     n = int(cfg.num_per_caption)
     targets = [c for c in captions for _ in range(n)]
     target_ids = torch.tensor([judge.vocabulary.index(c) for c in targets])
+    jobs = plan(cfg, pipe, targets)
 
-    from clipdiff.eval.fid import clip_features, fd_kid, random_features
-
-    clean = None
-    if cfg.clip_ckpt:
-        from clipdiff.models.components.clip import load_clip
-
-        clean = load_clip(cfg.clip_ckpt, key="clip_ckpt", device=device)
-    space = clip_features(cfg.clip_ckpt, device=device) if clean is not None else random_features()
+    clean = pipe.guides.get("clip") if cfg.clip_ckpt else None
+    space = clip_features(clean, name=f"clip:{cfg.clip_ckpt}") if clean is not None else random_features()
     if clean is None:
         log.warning("no clip_ckpt: FD/KID in a fixed random conv feature space instead of the CLIP's")
     ceiling = (judge_on_real(judge, real, captions, n, real.extra["judge_split"], int(cfg.bootstrap), int(cfg.seed))
@@ -199,31 +108,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     have = [r for r in real_by_caption.values() if r is not None and len(r) >= 2]
     per = min((len(r) for r in have), default=0)  # the same number of real images of every caption
     real_pool = torch.cat([r[:per] for r in have]) if len(have) == len(captions) else None
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    scheduler = sampling_scheduler(schedule, sampler["name"], **{k: v for k, v in sampler.items() if k not in SAMPLER_ONLY})
+    sampler = jobs[0][2].sampler
 
-    sample(unet, scheduler, min(len(targets), int(cfg.batch_size)), steps=1, progress=False)  # warm-up (timings)
-    loaded: dict[str, Any] = {}  # guide models, loaded once
-    if clean is not None and str(cfg.guides.get("clip", {}).get("checkpoint")) == str(cfg.clip_ckpt):
-        loaded["clip"] = clean
+    pipe.draw(pipe.prepare(method="none", num_samples=min(len(targets), int(cfg.batch_size)),
+                           sampler=sampler.replace(steps=1)))  # warm-up (timings)
     rows, summary, grids = [], [], {}
-    jobs = [(m, s) for m in methods for s in ([0.0] if m == "none" else
-                                               (cfg.guides[m].get("scales") or cfg.scales))]
     bar = tqdm(jobs, desc="evaluate", unit="run", disable=not cfg.progress)
-    for method, scale in bar:
-        scale = float(scale)
+    for method, scale, job in bar:
         bar.set_postfix_str(f"{method} scale {scale:g}, {len(targets)} images")
-        cond = build_cond(cfg, method, scale, targets, schedule, scheduler, unet, device, loaded)
-        start = time.perf_counter()
-        images = sample(unet, scheduler, len(targets), generator=torch.Generator().manual_seed(int(cfg.seed)),
-                        steps=int(sampler["steps"]), batch_size=int(cfg.batch_size), cond_fn=cond,
-                        eta=float(sampler.get("eta", 0.0)), progress=bool(cfg.progress))
-        sec = (time.perf_counter() - start) / len(targets)
+        out = pipe.draw(job, progress=bool(cfg.progress))
+        images, sec = out.images, out.seconds / len(targets)
         save_pngs(images, targets, out_dir / "samples" / method / report.scale_name(scale))
         hits = judge.correct(images, target_ids)
+        guide_hit = out.guide_correct() if out.guide_logits is not None else torch.full((len(targets),), math.nan)
         with torch.no_grad():
-            guide_hit = (cond.guide.final_logits(images.to(device)).argmax(1).cpu() == cond.targets.cpu()
-                         if cond is not None else torch.full((len(targets),), math.nan))
             clip_hit = (clean.logits(images.to(device)).argmax(1).cpu() == torch.tensor(
                 [clean.vocabulary.index(c) if c in clean.vocabulary else -1 for c in targets])
                 if clean is not None else torch.full((len(targets),), math.nan))
@@ -247,7 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         **report.accuracy_columns(hits, int(cfg.bootstrap), int(cfg.seed), groups=len(captions)),
                         "fd_mean": _mean(r["fd"] for r in mine), "kid_mean": _mean(r["kid"] for r in mine),
                         "guide_acc": guide_hit.float().mean().item(), "clip_acc": clip_hit.float().mean().item(),
-                        "sec_per_image": sec, "guided_steps": getattr(cond, "guided_calls", 0)})
+                        "sec_per_image": sec, "guided_steps": out.guided_steps})
         name = f"{method}_s{report.scale_name(scale)}"
         grids[name] = report.caption_grid(by_caption, int(cfg.grid_per_caption), out_dir / "grids" / f"{name}.png")
 
@@ -255,10 +153,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     report.write_csv(summary, report.SUMMARY_COLUMNS, out_dir / "summary.csv")
     scales = {r["scale"] for r in summary if r["method"] != "none"}
     plot = report.plot_accuracy_vs_scale(summary, out_dir / "accuracy_vs_scale.png") if len(scales) > 1 else None
+    guided = {m: job.guidance.kind for m, _, job in jobs if job.guidance is not None}
     info = {"ddpm_ckpt": cfg.ddpm_ckpt, "judge_ckpt": cfg.judge_ckpt, "seed": int(cfg.seed), "captions": captions,
             "captions_from": captions_from, "num_per_caption": n,
-            "sampler": f"{sampler['name']} ({sampler['steps']} steps)",
-            "guides": "; ".join(f"{m}: `{cfg.guides[m].checkpoint}`" for m in methods if m != "none") or "none",
+            "sampler": f"{sampler.name} ({sampler.steps} steps)",
+            "guides": "; ".join(f"{m}: `{cfg.get(kind + '_ckpt')}`" for m, kind in guided.items()) or "none",
             "real": (f"up to {cfg.num_real} real `{cfg.real_split}` images of the caption from `{cfg.data.root}`"
                      if real is not None else "no real images (no data.root): FD/KID not computed"),
             "features": space.name + (" (the clean CLIP's image tower)" if clean is not None else " (no clip_ckpt)")}

@@ -11,11 +11,11 @@ from conftest import CONF, compose_config
 from hydra import compose, initialize_config_dir
 
 from clipdiff.errors import ClipdiffError
-from clipdiff.eval.zeroshot import ZeroShotMetrics, evaluate
 from clipdiff.models.clip_module import ClipModule
 from clipdiff.models.components.clip import create_clip, load_clip
 from clipdiff.models.components.optim import param_groups, warmup_cosine
 from clipdiff.models.export import save_export
+from clipdiff.models.metrics.zeroshot import ZeroShotMetrics, evaluate
 from clipdiff.train import train
 
 VOCAB = ["a blue car", "a red car", "a white and red car", "a white car", "a white jeep/bus"]

@@ -48,7 +48,7 @@ def args(models, run_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def evaluation(models, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eval_run")
-    cfg = compose_eval(args(models, run_dir, "scales=[1.0,4.0]", "guides.clip.scales=[0.0,4.0]",
+    cfg = compose_eval(args(models, run_dir, "scales=[1.0,4.0]", "method_scales.clip=[0.0,4.0]",
                             f"captions={CAPTIONS}".replace("'", '"'), "methods=[none,clip,noisy_clip]"))
     return evaluate.run(cfg)
 
@@ -170,3 +170,36 @@ def test_missing_judge_split_is_a_warning_not_an_error(models, tmp_path, caplog)
     result = evaluate.run(cfg)
     assert result["ceiling"] == [] and not (tmp_path / "d" / "judge_real.csv").exists()
     assert "judge_split=test: no split folder" in caplog.text and "judge_split=null silences this" in caplog.text
+
+
+def test_options_and_guides_are_checked_before_the_first_sample(models, tmp_path, monkeypatch):
+    """A bad option value, a missing or wrong guide export fail as one line before any method is sampled."""
+    from clipdiff.pipelines.guided import GuidedPipeline
+
+    def draw(*_a, **_k):
+        raise AssertionError("sampled before every part was checked")
+
+    monkeypatch.setattr(GuidedPipeline, "draw", draw)
+    cases = [("guides.noisy_clip.form=logprob", r"^guides\.noisy_clip\.form='logprob': choose classifier or dot$"),
+             ("guides.clip.window=[0.5,0.2]", r"^guides\.clip\.window=\[0\.5, 0\.2\]: give \[start, stop\]"),
+             ("method_scales.noisy_clip=[-1]", r"^guides\.noisy_clip\.scale=-1\.0 must be a finite number ≥ 0$"),
+             ("noisy_clip_ckpt=null", r"^noisy_clip_ckpt is not set"),
+             (f"noisy_clip_ckpt={models['clip']}", r"^noisy_clip_ckpt=.*clip.pt holds a clip model, but a noisy_clip")]
+    for i, (override, msg) in enumerate(cases):
+        cfg = compose_eval(args(models, tmp_path / str(i), override, 'captions=["a red car"]', "wandb.enabled=false"))
+        with pytest.raises(ClipdiffError, match=msg):
+            evaluate.run(cfg)
+        assert not (tmp_path / str(i) / "samples").exists()
+
+
+def test_judge_real_counts_the_objects_it_scored(models, tmp_path):
+    """One image of each caption is one object scored, though the split holds two red cars."""
+    from clipdiff.models.components.judge import load_judge
+
+    real = evaluate.open_real(compose_eval(args(models, tmp_path / "o")), 8)
+    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 1, "test", 50, 0)
+    assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
+        ("a red car", 1, 1), ("a green jeep/bus", 1, 1), ("all", 2, 2)]
+    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 6, "test", 50, 0)
+    assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
+        ("a red car", 6, 2), ("a green jeep/bus", 3, 1), ("all", 9, 3)]

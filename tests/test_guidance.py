@@ -1,8 +1,8 @@
-"""Guidance: a step raises the guide's belief in the target, DDPM and DDIM agree, the window, the checks."""
+"""Guidance: a step raises the guide's belief in the target, DDPM and DDIM agree, the window, the checks.
+
+The guides take loaded models (tests/tiny_guides.py); composing exports is tests/test_pipelines.py's."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
@@ -10,15 +10,13 @@ from tiny_guides import (
     LINEAR,
     SIZE,
     VOCAB,
-    TextlessNoisyClip,
     clip_export,
     ddpm_export,
     tiny_clip,
     tiny_noisy_clip,
 )
 
-from clipdiff.diffusion import guidance
-from clipdiff.diffusion.guidance import clean_grad, clip_guidance, noisy_clip_guidance, score
+from clipdiff.diffusion.guidance import ClipGuidance, NoisyClipGuidance, clean_grad, score
 from clipdiff.diffusion.sampling import sample
 from clipdiff.diffusion.schedule import sampling_scheduler
 from clipdiff.errors import ClipdiffError
@@ -43,12 +41,14 @@ def ddpm(exports):
     return load_ddpm(exports["ddpm"])
 
 
-def make(kind: str, scheduler, scale: float = 1.0, **kw):
-    common = {"scale": scale, "schedule": LINEAR, "num_samples": len(TARGETS), "targets": TARGETS, "scheduler": scheduler,
-                  "image_size": SIZE}
+def make(kind: str, scheduler, scale: float = 1.0, unet=None, **kw):
+    """The cond_fn of a guide on the tiny models, steering sample i towards TARGETS[i]."""
+    ids = torch.tensor([VOCAB.index(t) for t in TARGETS])
     if kind == "clip":
-        return clip_guidance(checkpoint=tiny_clip(), grad_clip=None, **common, **kw)
-    return noisy_clip_guidance(checkpoint=tiny_noisy_clip(), **common, **kw)
+        settings = ClipGuidance(scale=scale, **{"grad_clip": None, **kw})
+        return settings.check("guidance", scheduler).cond_fn(tiny_clip(), ids, [], scheduler, unet)
+    return NoisyClipGuidance(scale=scale, **kw).check("guidance", scheduler).cond_fn(tiny_noisy_clip(), ids, [],
+                                                                                    scheduler, unet)
 
 
 def one_step(unet, scheduler, x, t, cond=None, seed=0):
@@ -165,59 +165,35 @@ def test_same_seed_gives_the_same_guided_samples(ddpm):
     assert not torch.equal(draws[0], other)
 
 
-# -- composition checks --------------------------------------------------------------------------------------------
-def test_noisy_guide_must_match_the_ddpm_size_and_schedule():
-    sched = scheduler("ddim")
-    assert make("noisy_clip", sched).guide.captions == VOCAB  # the matching guide builds
-    with pytest.raises(ClipdiffError, match=r"reads 16 px x_t but the DDPM makes 8 px"):
-        noisy_clip_guidance(checkpoint=tiny_noisy_clip(image_size=16), scale=1.0, schedule=LINEAR, num_samples=4,
-                            targets=TARGETS, scheduler=sched, image_size=SIZE)
-    cosine = {**LINEAR, "beta_schedule": "squaredcos_cap_v2"}
-    with pytest.raises(ClipdiffError, match=r"noise schedules differ: beta_schedule .* ddpm_ckpt .* guide_ckpt"):
-        noisy_clip_guidance(checkpoint=tiny_noisy_clip(schedule=cosine), scale=1.0, schedule=LINEAR, num_samples=4,
-                            targets=TARGETS, scheduler=sched, image_size=SIZE)
-
-
-def test_wrong_checkpoint_kinds_are_one_line_naming_the_key(exports):
-    sched = scheduler("ddim")
-    kw = {"scale": 1.0, "schedule": LINEAR, "num_samples": 4, "targets": TARGETS, "scheduler": sched, "image_size": SIZE}
-    with pytest.raises(ClipdiffError, match=r"^guide_ckpt=.*ddpm.pt holds a ddpm model, but a clip model is needed here$"):
-        clip_guidance(checkpoint=exports["ddpm"], **kw)
-    with pytest.raises(ClipdiffError, match=r"^noisy_clip_ckpt=.*clip.pt holds a clip model, but a noisy_clip model"):
-        noisy_clip_guidance(checkpoint=exports["clip"], key="noisy_clip_ckpt", **kw)
-
-
-def test_prompt_outside_the_vocabulary(caplog):
-    """Free text: appended to the guide's captions with a warning (both CLIPs have a text tower), or refused."""
-    sched = scheduler("ddim")
-    kw = {"scale": 1.0, "schedule": LINEAR, "num_samples": 2, "targets": "a shiny purple car", "scheduler": sched,
-          "image_size": SIZE}
-    for factory, model in ((clip_guidance, tiny_clip), (noisy_clip_guidance, tiny_noisy_clip)):
-        with pytest.raises(ClipdiffError, match=r"prompt 'a shiny purple car' is not in the (noisy )?CLIP's vocabulary"
-                                                r" .* and guidance.free_text=error"):
-            factory(checkpoint=model(), free_text="error", **kw)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=guidance.__name__):
-            cond = factory(checkpoint=model(), **kw)
-        assert "free-text embedding" in caplog.text
-        assert cond.guide.captions == VOCAB + ["a shiny purple car"] and cond.targets.tolist() == [len(VOCAB)] * 2
-        x = torch.randn(2, 3, SIZE, SIZE)
-        assert cond.guide.logits(x, 500, torch.zeros_like(x)).shape == (2, len(VOCAB) + 1)
-    with pytest.raises(ClipdiffError, match=r"is not in the noisy CLIP's vocabulary .* it has no text tower"):
-        noisy_clip_guidance(checkpoint=TextlessNoisyClip(), **kw)
-
-
-def test_bad_settings_are_one_line():
+# -- settings checks ----------------------------------------------------------------------------------------------
+def test_bad_settings_are_one_line_naming_the_key_and_the_choices():
     ddim = scheduler("ddim")
-    for kw, msg in (({"mode": "mean_shift"}, "use sampler=ddpm"), ({"form": "cosine"}, "guidance.form"),
-                    ({"window": [0.8, 0.2]}, "guidance.window"), ({"every": 0}, "guidance.every")):
+    for kw, msg in (({"mode": "mean_shift"}, r"^guidance\.mode=mean_shift .* use sampler=ddpm"),
+                    ({"form": "logprob"}, r"^guidance\.form='logprob': choose classifier or dot$"),
+                    ({"free_text": "maybe"}, r"^guidance\.free_text='maybe': choose warn or error$"),
+                    ({"window": [0.8, 0.2]}, r"^guidance\.window=\[0\.8, 0\.2\]: give \[start, stop\]"),
+                    ({"every": 0}, r"^guidance\.every=0 must be ≥ 1$"),
+                    ({"scale": -1.0}, r"^guidance\.scale=-1\.0 must be")):
         with pytest.raises(ClipdiffError, match=msg):
             make("noisy_clip", ddim, **kw)
+    with pytest.raises(ClipdiffError, match=r"^guides\.noisy_clip\.form='cosine': choose classifier or dot$"):
+        NoisyClipGuidance(form="cosine").check("guides.noisy_clip", ddim)
+    assert NoisyClipGuidance(mode="mean_shift").check("guidance", scheduler("ddpm")).mode == "mean_shift"
     with pytest.raises(ClipdiffError, match="grad_through_eps=true needs the DDPM's UNet"):
         make("clip", ddim, grad_through_eps=True)
-    with pytest.raises(ClipdiffError, match="guidance got 3 targets for 4 samples"):
-        noisy_clip_guidance(checkpoint=tiny_noisy_clip(), scale=1.0, schedule=LINEAR, num_samples=4,
-                            targets=TARGETS[:3], scheduler=ddim)
+
+
+def test_conf_guidance_instantiates_the_settings_classes():
+    """Each guidance config is exactly its class's arguments: nothing is stripped before instantiating."""
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    for name, cls, scale in (("clip", ClipGuidance, 30.0), ("noisy_clip", NoisyClipGuidance, 100.0)):
+        settings = instantiate(compose_config("sample", [f"guidance={name}"]).guidance)
+        assert type(settings) is cls and settings.kind == name and settings.scale == scale
+        assert settings.as_dict()["name"] == name and settings.window == [0.0, 1.0]
+        assert settings.as_dict() == cls().as_dict()  # Python callers get the config's defaults
+    assert not compose_config("sample", ["guidance=none"]).get("guidance")
 
 
 def test_gradients_through_eps_use_the_unet(ddpm):

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from clipdiff.diffusion.schedule import check_compatible, schedule_config, train_scheduler
 from clipdiff.errors import ClipdiffError
-from clipdiff.eval.noisy import TimestepBucketMetrics, bucket_edges, fixed_noisy_batch
 from clipdiff.models.components.clip import ClipClassifier, create_clip, tokenizer_for
 from clipdiff.models.components.noisy_clip import load_noisy_clip
 from clipdiff.models.export import save_export
+from clipdiff.models.metrics.noisy import TimestepBucketMetrics, bucket_edges, fixed_noisy_batch
 from clipdiff.models.noisy_clip_module import NoisyClipModule
 from clipdiff.train import train
 

@@ -161,6 +161,11 @@ def test_training_sweep_runs_lands_in_its_task_folder_and_shares_a_wandb_group(t
         lrs.append(hparams["model"]["optimizer"]["lr"])
         assert list((job / "wandb").glob("offline-run-*")), "the job's wandb run is missing"
     assert sorted(lrs) == [1e-3, 2e-3]
+    # the README's sync command finds both runs (a bash without globstar matched nothing with outputs/**/…)
+    (sync,) = re.findall(r"`(find outputs [^`]*wandb sync[^`]*)`", README.read_text())
+    listing = subprocess.run(sync.split(" -exec ")[0], shell=True, cwd=world["project"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len([p for p in listing if "/train_clip/multiruns/" in p]) == 2
 
 
 def test_aggregate_turns_the_training_sweep_into_its_table(train_sweep, world):

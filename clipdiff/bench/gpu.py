@@ -41,13 +41,15 @@ def train_images_per_s(model: str, image_size: int, batch: int, steps: int, warm
 
 
 def sample_images_per_s(model: str, image_size: int, batch: int, device: torch.device, steps: int | None) -> float:
-    from clipdiff.bench.sampling import build_parts, recipe, seconds_per_image
+    from clipdiff.bench.sampling import build_parts, pipeline, recipe, seconds_per_image
 
     parts = build_parts(image_size, model, clean=None)
     parts["unet"].to(device)
-    scheduler, n, cond, _ = recipe(parts, "noisy_clip", "ddim", batch, parts["noisy"], device=str(device))
-    seconds_per_image(parts, scheduler, 1, cond, batch, _sync(device))  # warm-up
-    return 1.0 / seconds_per_image(parts, scheduler, steps or n, cond, batch, _sync(device))
+    parts["noisy"].to(device)
+    pipe = pipeline(parts)
+    sampler, guidance = recipe("noisy_clip", "ddim")
+    seconds_per_image(pipe, sampler, guidance, batch, 1)  # warm-up (the loop ends with a copy to the CPU: synced)
+    return 1.0 / seconds_per_image(pipe, sampler, guidance, batch, steps)
 
 
 def bench_gpu(device: str = "cuda", model: str = "ddpm_64", image_size: int = 64, batch: int = 64, steps: int = 20,

@@ -7,6 +7,9 @@
 * **Default** — DDIM (``conf/sampler/ddim.yaml``) with the noisy CLIP at native size and the settings of
   ``conf/guidance/noisy_clip.yaml`` (window, every-k); unguided = the same sampler without a cond_fn.
 
+Every run is a call of one :class:`clipdiff.pipelines.guided.GuidedPipeline`, as ``python -m clipdiff.sample``
+makes; the time is its sampling loop (``GuidedOutput.seconds``).
+
 All models are the project's presets with random weights (the cost does not depend on the weights) and all runs
 use the same batch size. Accuracy is not measured here: it is read from the latest ``make demo`` evaluation.
 """
@@ -18,9 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from clipdiff.bench.common import Claim, compose, interleaved, median_all, paired_ratio, timed
+from clipdiff.bench.common import Claim, compose, interleaved, median_all, paired_ratio
+from clipdiff.diffusion.guidance import Guidance
+from clipdiff.diffusion.sampling import Sampler
+from clipdiff.pipelines.guided import GuidedPipeline
 
 
 def _container(node) -> dict[str, Any]:
@@ -52,34 +59,24 @@ def build_parts(image_size: int = 32, model: str = "ddpm", clean: str | None = "
     return parts
 
 
-def recipe(parts: dict[str, Any], guidance: str, sampler: str, batch: int, guide: torch.nn.Module | None,
-           device: str = "cpu"):
-    """(scheduler, sampler steps, cond_fn) as ``python -m clipdiff.sample guidance=… sampler=…`` builds them."""
-    from clipdiff.diffusion.guidance import instantiate_guidance
-    from clipdiff.diffusion.schedule import sampling_scheduler
-    from clipdiff.sample import SAMPLER_ONLY
+def pipeline(parts: dict[str, Any]) -> GuidedPipeline:
+    """The parts as one GuidedPipeline (what ``python -m clipdiff.sample`` loads from exports)."""
+    guides = {"noisy_clip": parts["noisy"], **({"clip": parts["clean"]} if "clean" in parts else {})}
+    return GuidedPipeline(parts["unet"], parts["schedule"], guides)
 
+
+def recipe(guidance: str, sampler: str) -> tuple[Sampler, Guidance | None]:
+    """(sampler, guidance settings) of ``python -m clipdiff.sample guidance=… sampler=…`` (None for ``none``)."""
     cfg = compose("sample", [f"guidance={guidance}", f"sampler={sampler}"])
-    scfg = _container(cfg.sampler)
-    scheduler = sampling_scheduler(parts["schedule"], scfg["name"], **{k: v for k, v in scfg.items()
-                                                                       if k not in SAMPLER_ONLY})
-    cond = None
-    if guide is not None:
-        node = {**_container(cfg.guidance), "checkpoint": guide}
-        cond = instantiate_guidance(node, schedule=parts["schedule"], num_samples=batch, device=device,
-                                    targets=parts["vocab"][0], scheduler=scheduler, unet=parts["unet"],
-                                    image_size=parts["unet"].config.sample_size)
-    return scheduler, int(scfg["steps"]), cond, _container(cfg.guidance)
+    return instantiate(cfg.sampler), (instantiate(cfg.guidance) if cfg.get("guidance") else None)
 
 
-def seconds_per_image(parts, scheduler, steps: int, cond, batch: int, sync=lambda: None) -> float:
-    from clipdiff.diffusion.sampling import sample
-
-    def run():
-        sample(parts["unet"], scheduler, batch, steps=steps, batch_size=batch, cond_fn=cond, progress=False)
-        sync()
-
-    return timed(run) / batch
+def seconds_per_image(pipe: GuidedPipeline, sampler: Sampler, guidance: Guidance | None, batch: int,
+                      steps: int | None = None) -> float:
+    """The sampling loop of one pipeline call on ``batch`` images (all in one batch), per image."""
+    prompt = next(iter(pipe.guides.values())).vocabulary[0] if guidance is not None else None
+    job = pipe.prepare(prompt, guidance=guidance, num_samples=batch, sampler=sampler, steps=steps, batch_size=batch)
+    return pipe.draw(job, score=False).seconds / batch
 
 
 def demo_accuracy(demo: Path, default_scale: float, clean_scale: float) -> list[Claim]:
@@ -125,19 +122,18 @@ def bench_sampling(batch: int = 16, reps: int = 3, recipe_steps: int = 3, image_
                    clean: str = "clip_vitb32") -> list[Claim]:
     """``steps`` overrides the default sampler's step count and ``clean`` the original recipe's CLIP (tests only)."""
     parts = build_parts(image_size, clean=clean)
-    guided_sched, n_default, noisy_cond, noisy_cfg = recipe(parts, "noisy_clip", "ddim", batch, parts["noisy"])
-    plain_sched, _, _, _ = recipe(parts, "none", "ddim", batch, None)
-    orig_sched, n_orig, clean_cond, clean_cfg = recipe(parts, "clip", "ddpm", batch, parts["clean"])
-    n_default = steps or n_default
-    seconds_per_image(parts, plain_sched, 1, None, batch)  # warm-up
+    pipe = pipeline(parts)
+    ddim, noisy = recipe("noisy_clip", "ddim")
+    ddpm, clean_guidance = recipe("clip", "ddpm")
+    n_default, n_orig = steps or ddim.steps, ddpm.steps
+    seconds_per_image(pipe, ddim, None, batch, 1)  # warm-up
     times = interleaved({
-        "guided": lambda: [seconds_per_image(parts, guided_sched, n_default, noisy_cond, batch)],
-        "unguided": lambda: [seconds_per_image(parts, plain_sched, n_default, None, batch)],
-        "original": lambda: [seconds_per_image(parts, orig_sched, recipe_steps, clean_cond, batch)
-                             * n_orig / recipe_steps],
+        "guided": lambda: [seconds_per_image(pipe, ddim, noisy, batch, n_default)],
+        "unguided": lambda: [seconds_per_image(pipe, ddim, None, batch, n_default)],
+        "original": lambda: [seconds_per_image(pipe, ddpm, clean_guidance, batch, recipe_steps) * n_orig / recipe_steps],
     }, reps)
     default, original = median_all(times["guided"]), median_all(times["original"])
-    window, every = noisy_cfg["window"], noisy_cfg["every"]
+    window, every = list(noisy.window), noisy.every
     return [
         Claim(f"guided/original_s_per_image@b{batch}", original, None,
               f"s, EXTRAPOLATED: {recipe_steps} of {n_orig} DDPM steps timed x {n_orig / recipe_steps:g}, "
@@ -150,5 +146,5 @@ def bench_sampling(batch: int = 16, reps: int = 3, recipe_steps: int = 3, image_
               "x less time (original extrapolated)"),
         Claim("guided/noisy_vs_unguided_time", paired_ratio(times, "guided", "unguided"), 1.3,
               f"x (median of {reps} paired reps)", higher_is_better=False),
-        *([] if demo is None else demo_accuracy(demo, float(noisy_cfg["scale"]), float(clean_cfg["scale"]))),
+        *([] if demo is None else demo_accuracy(demo, float(noisy.scale), float(clean_guidance.scale))),
     ]

@@ -35,7 +35,7 @@ def read_caption_table(path: str | Path) -> dict[str, tuple[str, str | None]]:
     path = Path(path)
     if not path.is_file():
         raise ClipdiffError(f"caption file {path} does not exist: run `python -m clipdiff.label` or set data.captions")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a BOM (Excel, Notepad) is not in the header
         reader = csv.DictReader(f, delimiter="\t")
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:

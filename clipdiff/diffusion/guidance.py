@@ -1,9 +1,12 @@
-"""CLIP guidance for the sampling loop: guides (what scores an image) and cond_fn factories (how a score steers).
+"""CLIP guidance for the sampling loop: guides (what scores an image), the cond_fn (how a score steers) and the
+guidance settings (``conf/guidance/*.yaml`` instantiates one: its fields are the constructor's arguments).
 
-Factories (the ``_target_`` of ``conf/guidance/*.yaml``) are called by ``python -m clipdiff.sample`` and
-``python -m clipdiff.evaluate`` as ``factory(**cfg, schedule=…, num_samples=N, device=…, image_size=…,
-targets=…, scheduler=…, unet=…)`` and return a cond_fn for :func:`clipdiff.diffusion.sampling.sample`
-(``None`` for ``guidance=none``). ``targets`` is one caption or one caption per sample (read through ``index``).
+Nothing here loads a checkpoint: guides take already-loaded models, and
+:class:`clipdiff.pipelines.guided.GuidedPipeline` composes them with the DDPM (loads every export once, checks that
+they fit, resolves the prompts). ``settings.check(prefix, scheduler)`` validates the option values (one line naming
+``<prefix>.<key>`` and the allowed values) and ``settings.cond_fn(model, targets, extra, scheduler, unet)`` builds the
+``cond_fn`` of :func:`clipdiff.diffusion.sampling.sample`; ``targets`` are caption ids into the guide's vocabulary
+followed by ``extra`` free-text prompts.
 
 The math, with ``ā_t = alphas_cumprod[t]`` and ``g = ∇_{x_t} log p(y | x_t)`` (summed over the batch, so each
 sample gets the gradient of its own score):
@@ -33,17 +36,17 @@ sample gets the gradient of its own score):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from clipdiff.diffusion.schedule import check_compatible, predict_x0, to_eps, train_scheduler
+from clipdiff.diffusion.schedule import predict_x0, to_eps
 from clipdiff.errors import ClipdiffError
 
 log = logging.getLogger(__name__)
@@ -156,6 +159,11 @@ class GuidedEps:
         self._steps: tuple[list[int], dict[int, int]] | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (index, grad) of the last guided step
         self.guided_calls = 0
+        self.stats: list[dict[str, float]] = []  # one entry per fresh gradient (see :meth:`record`)
+
+    def reset(self) -> None:
+        """Forget the previous sampling run (reused gradient, counters, statistics)."""
+        self._last, self.guided_calls, self.stats = None, 0, []
 
     # which steps are guided
     def step_position(self, t: int) -> tuple[int, int]:
@@ -196,7 +204,16 @@ class GuidedEps:
             x = x_t.detach().float().requires_grad_(True)
             s = score(self.guide.logits(x, t, eps.detach().float()), target, self.form)
             (g,) = torch.autograd.grad(s.sum(), x)
+        self._score = s.detach()
         return clean_grad(g, self.grad_clip)
+
+    def record(self, t: int, g: torch.Tensor, shift: torch.Tensor) -> None:
+        """Per-step statistics of a fresh gradient (batch means): the step, the target's score before the step,
+        the cleaned gradient's RMS and the RMS of the change made to eps (read only; the samples do not change)."""
+        i, n = self.step_position(t)
+        self.stats.append({"t": int(t), "step": i, "steps": n, "score": float(self._score.float().mean()),
+                           "grad_rms": float(g.float().flatten(1).pow(2).mean(1).sqrt().mean()),
+                           "eps_shift_rms": float(shift.float().flatten(1).pow(2).mean(1).sqrt().mean())})
 
     def __call__(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.scale == 0.0:
@@ -213,7 +230,10 @@ class GuidedEps:
             g = self._last[1]
         else:
             return eps
-        eps = eps - self.coefficient(t, eps) * g.to(eps.dtype)
+        shift = self.coefficient(t, eps) * g.to(eps.dtype)
+        if fresh:
+            self.record(t, g, shift)
+        eps = eps - shift
         return self.consistent(x_t, t, eps) if self.clip_x0 else eps
 
     def consistent(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
@@ -227,126 +247,86 @@ class GuidedEps:
         return ((x_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()).to(eps.dtype)
 
 
-# -- loading and composition checks -------------------------------------------------------------------------------
-def _load_noisy(path: str | Path, key: str) -> nn.Module:
-    try:
-        from clipdiff.models.components.noisy_clip import load_noisy_clip
-    except ImportError:
-        raise ClipdiffError("guidance=noisy_clip needs clipdiff.models.components.noisy_clip, which this "
-                            "installation lacks") from None
-    return load_noisy_clip(path, key=key)  # wrong kind / not an export: one line naming the key
 
 
-def _target_ids(targets: str | Sequence[str] | None, num_samples: int, captions: list[str], free_text: str,
-                what: str) -> tuple[torch.Tensor, list[str]]:
-    """Caption ids for each sample, plus the free-text prompts to append to ``captions``.
+# -- settings: what conf/guidance/<kind>.yaml instantiates ---------------------------------------------------------
+@dataclasses.dataclass
+class Guidance:
+    """How a guide steers (the module doc has the math); ``kind`` names the guide model it needs. The defaults of
+    the subclasses are those of ``conf/guidance/<kind>.yaml`` (tests/test_guidance.py checks that they agree)."""
 
-    ``free_text``: ``warn`` (append with a warning), ``error``, or ``unsupported`` (the guide has no text tower)."""
-    if targets is None:
-        raise ClipdiffError(f"guidance needs a target: set prompt=\"a red car\" (one of the {what}'s "
-                            f"{len(captions)} captions)")
-    per_sample = [targets] * num_samples if isinstance(targets, str) else list(targets)
-    if len(per_sample) != num_samples:
-        raise ClipdiffError(f"guidance got {len(per_sample)} targets for {num_samples} samples")
-    extra: list[str] = []
-    for c in dict.fromkeys(per_sample):
-        if c in captions:
-            continue
-        if free_text != "warn":
-            why = ("it has no text tower to embed free text" if free_text == "unsupported"
-                   else "guidance.free_text=error")
-            raise ClipdiffError(
-                f"prompt {c!r} is not in the {what}'s vocabulary of {len(captions)} captions (e.g. "
-                f"{', '.join(repr(v) for v in captions[:3])}) and {why}; use a caption of the vocabulary")
-        log.warning("prompt %r is not in the %s's vocabulary: guiding with its free-text embedding, appended "
-                    "to the %d captions (classifier form: scored against them)", c, what, len(captions))
-        extra.append(c)
-    lookup = {c: i for i, c in enumerate(captions + extra)}
-    return torch.tensor([lookup[c] for c in per_sample], dtype=torch.long), extra
+    kind: ClassVar[str] = ""
+    scale: float = 1.0
+    form: str = "classifier"
+    mode: str = "eps"
+    window: Sequence[float] = (0.0, 1.0)
+    every: int = 1
+    reuse_grad: bool = False
+    grad_clip: float | None = None
+    free_text: str = "warn"
+    clip_x0: bool | None = None
 
+    def check(self, prefix: str = "guidance", scheduler: Any = None) -> Guidance:
+        """One ClipdiffError line naming ``<prefix>.<key>`` and the allowed values for the first bad option."""
+        choices = {"form": FORMS, "mode": MODES, "free_text": ("warn", "error")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ClipdiffError(f"{prefix}.{key}={getattr(self, key)!r}: choose {' or '.join(allowed)}")
+        if self.mode == "mean_shift" and scheduler is not None and not isinstance(scheduler, DDPMScheduler):
+            raise ClipdiffError(f"{prefix}.mode=mean_shift shifts the ancestral DDPM mean: use sampler=ddpm "
+                                f"(or {prefix}.mode=eps, which works with both samplers)")
+        w = list(self.window) if isinstance(self.window, Sequence) else [self.window]
+        if len(w) != 2 or not 0.0 <= float(w[0]) < float(w[1]) <= 1.0:
+            raise ClipdiffError(f"{prefix}.window={w}: give [start, stop] fractions with 0 ≤ start < stop ≤ 1")
+        if int(self.every) < 1:
+            raise ClipdiffError(f"{prefix}.every={self.every} must be ≥ 1")
+        if float(self.scale) < 0 or not math.isfinite(float(self.scale)):
+            raise ClipdiffError(f"{prefix}.scale={self.scale} must be a finite number ≥ 0")
+        return self
 
-def _check_settings(scale: float, form: str, mode: str, window: Sequence[float], every: int, scheduler: Any,
-                    free_text: str) -> None:
-    if free_text not in ("warn", "error"):
-        raise ClipdiffError(f"guidance.free_text={free_text!r}: choose warn or error")
-    if form not in FORMS:
-        raise ClipdiffError(f"guidance.form={form!r}: choose {' or '.join(FORMS)}")
-    if mode not in MODES:
-        raise ClipdiffError(f"guidance.mode={mode!r}: choose {' or '.join(MODES)}")
-    if mode == "mean_shift" and not isinstance(scheduler, DDPMScheduler):
-        raise ClipdiffError("guidance.mode=mean_shift shifts the ancestral DDPM mean: use sampler=ddpm "
-                            "(or guidance.mode=eps, which works with both samplers)")
-    if len(window) != 2 or not 0.0 <= float(window[0]) < float(window[1]) <= 1.0:
-        raise ClipdiffError(f"guidance.window={list(window)}: give [start, stop] fractions with 0 ≤ start < stop ≤ 1")
-    if int(every) < 1 or float(scale) < 0:
-        raise ClipdiffError(f"guidance.every={every} must be ≥ 1 and guidance.scale={scale} ≥ 0")
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON values, with the guide kind as ``name``."""
+        return {"name": self.kind, **{k: (list(v) if isinstance(v, tuple) else v)
+                                      for k, v in dataclasses.asdict(self).items()}}
 
+    def guide(self, model: nn.Module, extra: Sequence[str], scheduler: Any, unet: nn.Module | None) -> nn.Module:
+        raise NotImplementedError
 
-def _abar(schedule: dict, scheduler: Any) -> torch.Tensor:
-    return (scheduler if scheduler is not None else train_scheduler(schedule)).alphas_cumprod
-
-
-def clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, schedule: dict, num_samples: int,
-                  device: str | torch.device = "cpu", targets: str | Sequence[str] | None = None,
-                  form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0), every: int = 1,
-                  reuse_grad: bool = False, grad_clip: float | None = 0.05, grad_through_eps: bool = False,
-                  free_text: str = "warn", clip_x0: bool | None = None, scheduler: Any = None, unet: nn.Module | None = None,
-                  image_size: int | None = None, key: str = "guide_ckpt", name: str = "clip") -> GuidedEps:
-    """Clean-CLIP guidance through x0_hat (see the module doc). ``checkpoint``: a CLIP export or a loaded ClipClassifier."""
-    from clipdiff.models.components.clip import load_clip
-
-    _check_settings(scale, form, mode, window, every, scheduler, free_text)
-    if grad_through_eps and unet is None:
-        raise ClipdiffError("guidance.grad_through_eps=true needs the DDPM's UNet passed to the guidance factory")
-    clf = checkpoint if isinstance(checkpoint, nn.Module) else load_clip(checkpoint, key=key, device=device)
-    if image_size is not None and clf.image_size != image_size:
-        log.info("the clean CLIP reads %d px images; x0_hat (%d px) is resized for it", clf.image_size, image_size)
-    ids, extra = _target_ids(targets, num_samples, list(clf.vocabulary), free_text, "CLIP")
-    abar = _abar(schedule, scheduler)
-    pred_type = (scheduler.config if scheduler is not None else schedule).get("prediction_type", "epsilon")
-    guide = CleanClipGuide(clf, abar, extra, unet if grad_through_eps else None, pred_type).to(device)
-    return GuidedEps(guide, ids, abar, scale, form, mode, window, every, reuse_grad, grad_clip, scheduler, clip_x0)
+    def cond_fn(self, model: nn.Module, targets: torch.Tensor, extra: Sequence[str], scheduler: Any,
+                unet: nn.Module | None = None) -> GuidedEps:
+        """The cond_fn steering every sample towards its caption id in ``targets`` (ids into the model's vocabulary
+        followed by the ``extra`` free-text prompts) on the sampler ``scheduler``."""
+        guide = self.guide(model, list(extra), scheduler, unet)
+        return GuidedEps(guide, targets, scheduler.alphas_cumprod, self.scale, self.form, self.mode, tuple(self.window),
+                         self.every, self.reuse_grad, self.grad_clip, scheduler, self.clip_x0)
 
 
-def noisy_clip_guidance(*, checkpoint: str | Path | nn.Module | None, scale: float, schedule: dict, num_samples: int,
-                        device: str | torch.device = "cpu", targets: str | Sequence[str] | None = None,
-                        form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0),
-                        every: int = 1, reuse_grad: bool = False, grad_clip: float | None = None,
-                        free_text: str = "warn", clip_x0: bool | None = None, scheduler: Any = None,
-                        unet: nn.Module | None = None, image_size: int | None = None, key: str = "guide_ckpt",
-                        name: str = "noisy_clip") -> GuidedEps:
-    """Noisy-CLIP guidance on (x_t, t). Checks: export kind, noise schedule and image size against the DDPM."""
-    _check_settings(scale, form, mode, window, every, scheduler, free_text)
-    model = checkpoint if isinstance(checkpoint, nn.Module) else _load_noisy(checkpoint, key)
-    check_compatible(schedule, model.schedule, names=("ddpm_ckpt", key))
-    if image_size is not None and int(model.image_size) != int(image_size):
-        raise ClipdiffError(
-            f"{key}: the noisy CLIP reads {model.image_size} px x_t but the DDPM makes {image_size} px images; "
-            f"x_t cannot be resized without changing its noise, so train the noisy CLIP at data.image_size={image_size}")
-    model = model.to(device).eval().requires_grad_(False)
-    ids, extra = _target_ids(targets, num_samples, list(model.vocabulary),
-                             free_text if text_encoder(model) is not None else "unsupported", "noisy CLIP")
-    return GuidedEps(NoisyClipGuide(model, extra), ids, _abar(schedule, scheduler), scale, form, mode, window, every,
-                     reuse_grad, grad_clip, scheduler, clip_x0)
+@dataclasses.dataclass
+class ClipGuidance(Guidance):
+    """The clean CLIP through x0_hat; ``grad_through_eps`` backpropagates through the UNet as well."""
+
+    kind: ClassVar[str] = "clip"
+    scale: float = 30.0
+    grad_clip: float | None = 0.05
+    grad_through_eps: bool = False
+
+    def guide(self, model, extra, scheduler, unet):
+        if self.grad_through_eps and unet is None:
+            raise ClipdiffError("guidance.grad_through_eps=true needs the DDPM's UNet")
+        device = next(model.parameters()).device
+        return CleanClipGuide(model, scheduler.alphas_cumprod, extra, unet if self.grad_through_eps else None,
+                              scheduler.config.get("prediction_type", "epsilon")).to(device)
 
 
-def instantiate_guidance(node: Any, **kwargs: Any) -> GuidedEps | None:
-    """``hydra.utils.instantiate(node, **kwargs)`` of a guidance config; a ClipdiffError raised by the factory
-    stays a ClipdiffError (Hydra would wrap it), so the CLIs print it as one line."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+@dataclasses.dataclass
+class NoisyClipGuidance(Guidance):
+    """The noisy CLIP on (x_t, t)."""
 
-    try:
-        return instantiate(node, **kwargs, _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, ClipdiffError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+    kind: ClassVar[str] = "noisy_clip"
+    scale: float = 100.0
+
+    def guide(self, model, extra, scheduler, unet):
+        return NoisyClipGuide(model.eval().requires_grad_(False), extra)
 
 
-def no_guidance(**_: Any) -> None:
-    """``guidance=none``: no cond_fn."""
-    return
+GUIDANCE: dict[str, type[Guidance]] = {g.kind: g for g in (ClipGuidance, NoisyClipGuidance)}

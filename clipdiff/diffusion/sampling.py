@@ -14,18 +14,64 @@ Guidance contract — ``cond_fn(x_t, t, eps, index) -> eps``:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from clipdiff.diffusion.schedule import from_eps, to_eps
+from clipdiff.diffusion.schedule import from_eps, sampling_scheduler, to_eps
+from clipdiff.errors import ClipdiffError
 
 log = logging.getLogger(__name__)
 
 CondFn = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# the presets of conf/sampler/*.yaml for Python callers (tests/test_pipelines.py checks that they agree)
+PRESETS = {"ddim": {"name": "ddim", "steps": 50, "eta": 0.0, "timestep_spacing": "trailing"},
+           "ddim_stochastic": {"name": "ddim", "steps": 50, "eta": 1.0, "timestep_spacing": "trailing"},
+           "ddpm": {"name": "ddpm", "steps": 1000, "eta": 0.0, "timestep_spacing": "leading"}}
+
+
+class Sampler:
+    """A sampling recipe (``conf/sampler/*.yaml`` instantiates one): the scheduler (``ddim`` or ``ddpm``), the number
+    of steps, DDIM's ``eta``, and sampling-only scheduler settings (``timestep_spacing``, ``clip_sample``, …) that
+    :func:`clipdiff.diffusion.schedule.sampling_scheduler` applies on top of the training betas."""
+
+    def __init__(self, name: str = "ddim", steps: int = 50, eta: float = 0.0, **scheduler_options: Any):
+        self.name, self.steps, self.eta = str(name), int(steps), float(eta)
+        self.options = dict(scheduler_options)
+
+    @classmethod
+    def preset(cls, name: str) -> Sampler:
+        """``ddim``, ``ddim_stochastic`` or ``ddpm``: the settings of ``conf/sampler/<name>.yaml``."""
+        if name not in PRESETS:
+            raise ClipdiffError(f"sampler={name!r}: choose {', '.join(PRESETS)} (or a Sampler)")
+        return cls(**PRESETS[name])
+
+    def check(self, prefix: str = "sampler") -> Sampler:
+        if self.steps < 1:
+            raise ClipdiffError(f"{prefix}.steps={self.steps} must be at least 1")
+        if self.eta < 0:
+            raise ClipdiffError(f"{prefix}.eta={self.eta} must be ≥ 0")
+        return self
+
+    def scheduler(self, schedule: Mapping[str, Any]):
+        """A fresh diffusers scheduler with the training betas of ``schedule`` (the DDPM's)."""
+        return sampling_scheduler(schedule, self.name, **self.options)
+
+    def replace(self, **changes: Any) -> Sampler:
+        kw = {"name": self.name, "steps": self.steps, "eta": self.eta, **self.options}
+        return Sampler(**{**kw, **{k: v for k, v in changes.items() if v is not None}})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": self.steps, "eta": self.eta, **self.options}
+
+    def __repr__(self) -> str:
+        return f"Sampler({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
 @torch.no_grad()

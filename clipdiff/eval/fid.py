@@ -1,8 +1,8 @@
 """Fréchet distance (FD) and KID between generated and real images in a feature space of the project's own.
 
 No download: torchmetrics' ``FrechetInceptionDistance``/``KernelInceptionDistance`` are given a custom ``feature``
-module. The intended feature space is the image tower of a trained clipdiff CLIP export (:func:`clip_features`);
-:class:`RandomConvFeatures` is a fixed, seeded random conv net for tests or when no CLIP is trained yet. The
+module. The intended feature space is the image tower of a trained clipdiff CLIP (:func:`clip_features` takes the
+loaded model); :class:`RandomConvFeatures` is a fixed, seeded random conv net for tests or when no CLIP is trained yet. The
 numbers are comparable only within one feature space: always report which one.
 
 ``python -m clipdiff.eval.fid --fake RUN/samples --real DATA_ROOT [--split cars_val] [--clip EXPORT]``
@@ -71,13 +71,11 @@ class RandomConvFeatures(nn.Module):
         return self.net(x01 * 2 - 1)
 
 
-def clip_features(path: str | Path, device: str | torch.device = "cpu") -> FeatureSpace:
-    """The image tower of a clipdiff CLIP export (``encode_image`` on images in [0, 1]) as a feature space."""
-    from clipdiff.models.components.clip import load_clip
-
-    model = load_clip(path)
-    model = model.to(device).eval() if isinstance(model, nn.Module) else model
-    return FeatureSpace(model.encode_image, name=f"clip:{path}").to(device)
+def clip_features(model: nn.Module, name: str = "clip") -> FeatureSpace:
+    """The image tower of a loaded clipdiff CLIP (``model.encode_image`` on images in [0, 1]) as a feature space,
+    on the model's device; ``name`` says which CLIP (e.g. its export path) in reports."""
+    device = next(model.parameters()).device
+    return FeatureSpace(model.eval().encode_image, name=name).to(device)
 
 
 def random_features(dim: int = 128, seed: int = 0) -> FeatureSpace:
@@ -170,7 +168,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ds = dm._dataset(args.split)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[: args.num_real]
     real = ds.float_images(idx)
-    space = clip_features(args.clip) if args.clip else random_features(seed=args.seed)
+    if args.clip:
+        from clipdiff.models.components.clip import load_clip
+
+        space = clip_features(load_clip(args.clip, key="--clip"), name=f"clip:{args.clip}")
+    else:
+        space = random_features(seed=args.seed)
     result = fd_kid(fake, real, space, seed=args.seed)
     print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result

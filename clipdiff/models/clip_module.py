@@ -5,7 +5,7 @@ ranks), logit scale clamped to ``logit_scale_max``, AdamW without weight decay o
 warmup + cosine schedule, optional frozen text tower. ``label_aware=false`` with ``data.sampler=
 distinct_caption`` is the original recipe (plain CLIP loss on batches without repeated captions).
 
-Validation: zero-shot metrics over the caption vocabulary (:mod:`clipdiff.eval.zeroshot`), logged as
+Validation: zero-shot metrics over the caption vocabulary (:mod:`clipdiff.models.metrics.zeroshot`), logged as
 ``val/...``; each epoch's per-caption accuracy TSV and confusion-matrix PNG go to ``<run_dir>/zeroshot/``
 (and to wandb when a WandbLogger is attached). :meth:`export` writes the Lightning-free ``export.pt`` that
 :func:`clipdiff.models.components.clip.load_clip` reads.
@@ -24,10 +24,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from clipdiff.eval.zeroshot import ZeroShotMetrics
 from clipdiff.models.components.clip import ClipClassifier, create_clip, tokenizer_for
 from clipdiff.models.components.losses import LabelAwareClipLoss, label_aware_clip_loss
 from clipdiff.models.components.optim import build_optimizers
+from clipdiff.models.metrics.zeroshot import ZeroShotMetrics
 
 log = logging.getLogger(__name__)
 

@@ -32,17 +32,17 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
 from clipdiff.diffusion.schedule import schedule_config, train_scheduler
-from clipdiff.eval.noisy import (
-    TimestepBucketMetrics,
-    fixed_noisy_batch,
-    plot_accuracy_vs_t,
-    write_bucket_table,
-)
 from clipdiff.models.components.clip import ClipClassifier, create_clip, tokenizer_for
 from clipdiff.models.components.losses import LabelAwareClipLoss
 from clipdiff.models.components.noisy_clip import NoisyClipClassifier, clip_from_export, to_unit_range
 from clipdiff.models.components.optim import build_optimizers
 from clipdiff.models.export import load_export
+from clipdiff.models.metrics.noisy import (
+    TimestepBucketMetrics,
+    fixed_noisy_batch,
+    plot_accuracy_vs_t,
+    write_bucket_table,
+)
 
 log = logging.getLogger(__name__)
 
