@@ -249,7 +249,7 @@ def test_the_readmes_local_config_is_read_by_every_command_that_loads_it(world, 
 
 def test_the_readmes_python_api_block_runs_as_written(world, tmp_path):
     """The README's Python example, with the demo's exports where it looks for them (tiny ones here)."""
-    (code,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "GuidedPipeline" in b]
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL) if "GuidedPipeline" in b]
     project = tmp_path / "project"
     for stage in ("ddpm", "noisy_clip", "clip"):
         (project / "outputs" / "demo" / stage).mkdir(parents=True)
