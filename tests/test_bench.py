@@ -87,6 +87,7 @@ def test_sampling_rows(tmp_path: Path):
     assert float(acc["guided/demo_noisy_vs_unguided_time"]["value"]) == pytest.approx(1.2)
 
 
+@pytest.mark.slow  # ~12 s: each size is measured in a fresh interpreter (resident memory before the DataModule)
 def test_growth_rows(tmp_path: Path):
     from clipdiff.bench.growth import bench_growth
 

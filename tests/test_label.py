@@ -47,10 +47,11 @@ def test_agreement_on_a_tiny_rendered_set(labelled, rendered):
     assert len(result.rows) == len(truth) == 30
     a = result.agreement
     assert a is not None and a.n == 30
-    # measured on larger sets: colour ~99%, type ~99%, caption ~98% (restricted vocabulary, prior ~uniform-ish)
-    assert a.accuracy["colour"] >= 0.85, a.summary()
-    assert a.accuracy["type"] >= 0.85, a.summary()
-    assert a.accuracy["caption"] >= 0.8, a.summary()
+    # measured on larger sets: colour ~99%, type ~99%, caption ~98% (this set: 30/30 each); a mark that guards the
+    # claim allows one miss per attribute and two per caption (0.85 would pass a labeller twice as bad)
+    assert a.accuracy["colour"] >= 29 / 30, a.summary()
+    assert a.accuracy["type"] >= 29 / 30, a.summary()
+    assert a.accuracy["caption"] >= 28 / 30, a.summary()
     # recomputed independently from the written files
     written = {}
     for split in ("cars_train", "cars_val", "cars_test"):
@@ -64,6 +65,17 @@ def test_agreement_on_a_tiny_rendered_set(labelled, rendered):
                  "least_confident.png"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert "Confusion (type" in (run / "agreement.txt").read_text()
+
+
+def test_labels_never_come_from_the_ground_truth(labelled, rendered, tmp_path):
+    """The same captions with ``ground_truth.tsv`` gone: the labeller reads images only (the file is for the report)."""
+    _, out, _ = labelled
+    blind = tmp_path / "cars"
+    shutil.copytree(rendered, blind, ignore=shutil.ignore_patterns("ground_truth.tsv", "cars_text"))
+    result = label_dataset(blind, "all", out_dir=tmp_path / "o", run_dir=tmp_path / "r", workers=2, progress=False)
+    assert result.agreement is None  # nothing to compare with
+    for split in ("cars_train", "cars_val", "cars_test"):
+        assert read_caption_file(tmp_path / "o" / f"{split}.tsv") == read_caption_file(out / f"{split}.tsv"), split
 
 
 def test_label_file_columns_and_confidence(labelled):
@@ -261,7 +273,7 @@ def test_cli_writes_a_label_file_the_loader_accepts(rendered, tmp_path):
 
 @pytest.mark.slow  # imports torch and open_clip and builds a (tiny, random) CLIP
 def test_zero_shot_path_from_a_clip_export(rendered, tmp_path):
-    clip = pytest.importorskip("clipdiff.models.components.clip")
+    from clipdiff.models.components import clip
     name = "clipdiff-tiny-32"
     model, cfg, pre = clip.create_clip(name)
     vocab = ["a white car", "a red car", "a yellow truck", "a blue jeep/bus"]
