@@ -167,3 +167,38 @@ def test_a_partial_run_leaves_latest_demo_alone(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "outputs" / "demo" / "render" / "stage.json").is_file()
     assert not (tmp_path / "outputs" / "latest_demo").exists() and "latest_demo not moved" in done.stdout
+
+
+def test_unknown_stage_names_in_only_or_rerun_are_one_line():
+    from clipdiff.errors import ClipdiffError
+    from clipdiff.pipeline import stage_selection
+
+    cfg = pipeline_cfg({"render": {"command": "render"}, "label": {"command": "label"}}, only=["render", "lable"])
+    with pytest.raises(ClipdiffError, match=r"only=\['lable', 'render'\] names unknown stage\(s\) \['lable'\]"):
+        stage_selection(cfg, "only")
+    assert stage_selection(pipeline_cfg(cfg.stages, rerun="all"), "rerun") == {"render", "label"}
+
+
+def test_a_failing_stage_stops_the_others_with_one_line(tmp_path: Path, monkeypatch):
+    """A stage that fails ends the run with one line naming it and its log; a stage running beside it is stopped
+    (SIGTERM, so a training stage checkpoints) instead of running on."""
+    import time
+
+    from clipdiff import pipeline
+    from clipdiff.errors import ClipdiffError
+
+    survived = tmp_path / "slow_survived"
+    programs = {"bad": "import sys, time; time.sleep(1); sys.exit(3)",
+                "slow": f"import time; time.sleep(5); open({str(survived)!r}, 'w')"}
+    monkeypatch.setattr(pipeline, "stage_command",
+                        lambda stage, stage_dir: [sys.executable, "-c", programs[stage_dir.name]])
+    stages = {"slow": {"command": "train", "after": []}, "bad": {"command": "train", "after": []}}
+    t0 = time.time()
+    with pytest.raises(ClipdiffError) as err:
+        pipeline.run_stages(pipeline_cfg(stages), list(stages), tmp_path, on_ready=lambda n: None)
+    assert time.time() - t0 < 30  # the slow stage was not waited for
+    time.sleep(6)
+    assert not survived.exists()  # … it was stopped
+    assert str(err.value).startswith(f"stage 'bad' failed (exit 3; its log: {tmp_path / 'bad.log'})")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "slow" / "stage.json").exists() and not (tmp_path / "bad" / "stage.json").exists()
