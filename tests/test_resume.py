@@ -159,3 +159,22 @@ def test_ckpt_path_takes_a_file_a_run_dir_or_last(tmp_path):
     assert resolve_ckpt_path("last") == "last" and resolve_ckpt_path(None) is None
     with pytest.raises(ClipdiffError, match="does not exist"):
         resolve_ckpt_path(str(tmp_path / "nothing.ckpt"))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_respect_the_umask(tmp_path, mask):
+    from clipdiff.utils.io import atomic_open
+
+    old = os.umask(mask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+        with atomic_open(tmp_path / "stage.json", "w") as f:
+            f.write("{}")
+        with open(tmp_path / "plain.txt", "w") as f:  # what an ordinary write gets
+            f.write("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == want
+    for name in ("last.ckpt", "stage.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, oct((tmp_path / name).stat().st_mode)
