@@ -21,6 +21,7 @@ from clipdiff.diffusion.sampling import CondFn, sample, save_samples
 from clipdiff.diffusion.schedule import sampling_scheduler
 from clipdiff.errors import ClipdiffError
 from clipdiff.models.components.unet import load_ddpm
+from clipdiff.utils.checks import count
 from clipdiff.utils.cli import hydra_entry
 from clipdiff.utils.io import atomic_open
 
@@ -54,8 +55,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.run_dir)
     if (out_dir / "grid.png").exists():
         raise ClipdiffError(f"{out_dir} already holds samples; sampling writes into a new run directory")
-    if cfg.num_samples < 1 or cfg.sampler.steps < 1:
-        raise ClipdiffError("num_samples and sampler.steps must be at least 1")
+    for key in ("num_samples", "batch_size", "sampler.steps", "grid_nrow"):
+        count(OmegaConf.select(cfg, key), key)
+    count(cfg.seed, "seed", minimum=None)
     device = pick_device(str(cfg.device))
     unet, schedule = load_ddpm(cfg.ddpm_ckpt, key="ddpm_ckpt", device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if k not in SAMPLER_ONLY}
