@@ -31,11 +31,23 @@ def root(tmp_path_factory) -> Path:
                      {"cars_train": table, "cars_val": {"b1": "a red car"}, "cars_test": {"c1": "a blue car"}})
 
 
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
 def run(command: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", f"clipdiff.{command}", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", f"clipdiff.{command}", *args], env=env(), capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def run_all(commands: dict[str, list[str]], at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
+    """``python -m clipdiff.<command> …`` for each entry, ``at_once`` at a time (they mostly import torch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(at_once) as pool:
+        futures = {name: pool.submit(run, *cmd) for name, cmd in commands.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -57,3 +69,99 @@ def test_a_non_finite_loss_stops_training_at_that_step(root, tmp_path):
     for ckpt in (out / "checkpoints").glob("*.ckpt"):  # whatever was written holds finite numbers only
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def earlier_run(run_dir: Path) -> dict[str, bytes]:
+    """A run directory as a finished training run leaves it (the files that matter: export, checkpoints, logs)."""
+    files = {"export.pt": b"the earlier export", "checkpoints/last.ckpt": b"the earlier checkpoint",
+             "csv/version_0/metrics.csv": b"step,train/loss\n0,1.0\n", "train.log": b"earlier log\n"}
+    for name, data in files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.slow
+def test_train_never_writes_over_an_earlier_run(root, tmp_path):
+    used = tmp_path / "used"
+    files = earlier_run(used)
+    args = [*TINY_DDPM, f"data.root={root}", f"hydra.run.dir={used}", "trainer.max_steps=1"]
+    line = one_error_line(run("train", *args))
+    assert f"hydra.run.dir={used} already holds a run" in line and "overwrite=true" in line and "ckpt_path=last" in line
+    assert all((used / name).read_bytes() == data for name, data in files.items())  # untouched
+
+    proc = run("train", *args, "overwrite=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, data in files.items():  # every earlier file is kept beside, as <top>.bak-<time>
+        top, _, rest = name.partition("/")
+        if top.endswith(".log"):
+            continue  # Hydra's log of this directory is appended to, as before
+        (kept,) = used.glob(f"{top}.bak-*")
+        assert (kept / rest if rest else kept).read_bytes() == data, name
+    assert (used / "export.pt").read_bytes() != files["export.pt"] and (used / "checkpoints" / "last.ckpt").is_file()
+
+
+def read_only(path: Path) -> None:
+    """A folder nobody can write to (root ignores permission bits, not the immutable flag)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+
+
+def writable(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_bad_input_gives_one_line_naming_the_key_or_file(root, tmp_path):
+    ro = tmp_path / "ro"
+    ro_run = tmp_path / "ro_run"
+    foreign = tmp_path / "judge.ckpt"  # a training checkpoint of another model
+    torch.save({"state_dict": {"backbone.fc.weight": torch.zeros(3, 4)}, "loops": {}}, foreign)
+    base = [*TINY_DDPM, f"data.root={root}", "trainer.max_steps=1"]
+    cases = {  # what is given → what the line must name
+        "init_from": (["train", "model=noisy_clip", f"data.root={root}", "logger=csv", "data.cache=false",
+                       f"model.init_from={tmp_path / 'missing.pt'}"],
+                      ["model.init_from=", "missing.pt"]),
+        "lr": (["train", *base, "model.optimizer.lr=abc"], ["model.optimizer.lr='abc'", "number"]),
+        "num_samples": (["sample", f"ddpm_ckpt={tmp_path / 'x.pt'}", "num_samples=abc"], ["num_samples='abc'"]),
+        "output": (["train", *base, f"hydra.run.dir={ro / 'run'}"], [str(ro / "run"), "writable"]),
+        "checkpoints": (["train", *base, f"hydra.run.dir={ro_run}"], [str(ro_run / "checkpoints"), "writable"]),
+        "foreign": (["train", *base, f"ckpt_path={foreign}"], [f"ckpt_path={foreign}", "another model", "model="]),
+    }
+    read_only(ro)
+    read_only(ro_run / "checkpoints")
+    try:
+        results = run_all({name: args for name, (args, _) in cases.items()})
+    finally:
+        writable(ro)
+        writable(ro_run / "checkpoints")
+    for name, (_, want) in cases.items():
+        line = one_error_line(results[name])
+        assert all(w in line for w in want), (name, line)
+
+
+def test_the_same_checks_in_process(flat_root, tmp_path):
+    """The cases above that need no subprocess of their own: the DataModule's numbers, a read-only cache folder."""
+    from clipdiff.data.datamodule import CarsDataModule
+    from clipdiff.errors import ClipdiffError
+    from clipdiff.utils.cli import user_error
+
+    for key, value in (("batch_size", 0), ("batch_size", "abc"), ("image_size", 1.5), ("num_workers", -1)):
+        with pytest.raises(ClipdiffError, match=f"data.{key}="):
+            CarsDataModule(str(flat_root), **{key: value})
+    ro = tmp_path / "ro"
+    read_only(ro)
+    try:
+        dm = CarsDataModule(str(flat_root), cache_dir=str(ro / "cache"), progress=False)
+        with pytest.raises(OSError) as info:
+            dm.prepare_data()
+    finally:
+        writable(ro)
+    line = user_error(info.value)
+    assert line and str(ro / "cache") in line and "writable" in line and "data.cache_dir" in line
