@@ -259,7 +259,7 @@ def test_16_bit_greyscale_pngs_are_scaled_not_clipped(flat_root: Path, tmp_path:
 
 
 def test_non_square_images_are_stretched_with_a_warning_naming_one(flat_root: Path, tmp_path: Path, caplog):
-    import clipdiff.data.srn as srn
+    from clipdiff.data import srn
 
     wide = flat_root / "cars_train" / "a3" / "rgb" / "000001.png"
     Image.new("RGB", (24, 16), (200, 30, 30)).save(wide)

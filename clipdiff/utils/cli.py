@@ -85,8 +85,8 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
                 if message is None:
                     from hydra._internal.utils import run_and_report
 
-                    def again() -> None:
-                        raise e
+                    def again(error: Exception = e) -> None:
+                        raise error
 
                     run_and_report(again)  # prints as Hydra would have, exits 1
                     raise
