@@ -79,7 +79,8 @@ def resumes_in(run_dir: Path, ckpt_path: str | None) -> bool:
 def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
     """Refuse to train into a directory that holds an earlier run's files (checkpoints, export, logs, samples),
     unless this run resumes that one, or ``overwrite=true``: then each of them is kept as ``<name>.bak-<time>``.
-    Hydra's own ``.hydra/`` and log file are not counted (Hydra writes them before any command starts)."""
+    Hydra's ``.hydra/`` (the earlier one is kept as ``.hydra.bak-<time>``: ``KeepEarlierConfig``) and log file
+    are not counted: Hydra writes them before any command starts."""
     if not run_dir.is_dir():
         return
     used = sorted(p.name for p in run_dir.iterdir() if p.name != ".hydra" and not p.name.endswith(".log")

@@ -74,7 +74,8 @@ def test_a_non_finite_loss_stops_training_at_that_step(root, tmp_path):
 def earlier_run(run_dir: Path) -> dict[str, bytes]:
     """A run directory as a finished training run leaves it (the files that matter: export, checkpoints, logs)."""
     files = {"export.pt": b"the earlier export", "checkpoints/last.ckpt": b"the earlier checkpoint",
-             "csv/version_0/metrics.csv": b"step,train/loss\n0,1.0\n", "train.log": b"earlier log\n"}
+             "csv/version_0/metrics.csv": b"step,train/loss\n0,1.0\n", "train.log": b"earlier log\n",
+             ".hydra/config.yaml": b"the earlier config\n"}
     for name, data in files.items():
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_bytes(data)
@@ -88,14 +89,16 @@ def test_train_never_writes_over_an_earlier_run(root, tmp_path):
     args = [*TINY_DDPM, f"data.root={root}", f"hydra.run.dir={used}", "trainer.max_steps=1"]
     line = one_error_line(run("train", *args))
     assert f"hydra.run.dir={used} already holds a run" in line and "overwrite=true" in line and "ckpt_path=last" in line
-    assert all((used / name).read_bytes() == data for name, data in files.items())  # untouched
+    assert all((used / name).read_bytes() == data for name, data in files.items() if not name.startswith(".hydra"))
+    (kept,) = used.glob(".hydra.bak-*")  # Hydra writes .hydra/ before any command: the earlier one is kept
+    assert (kept / "config.yaml").read_bytes() == files[".hydra/config.yaml"]
 
     proc = run("train", *args, "overwrite=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, data in files.items():  # every earlier file is kept beside, as <top>.bak-<time>
         top, _, rest = name.partition("/")
-        if top.endswith(".log"):
-            continue  # Hydra's log of this directory is appended to, as before
+        if top.endswith(".log") or top == ".hydra":
+            continue  # Hydra's log of this directory is appended to, as before; .hydra/ is checked above
         (kept,) = used.glob(f"{top}.bak-*")
         assert (kept / rest if rest else kept).read_bytes() == data, name
     assert (used / "export.pt").read_bytes() != files["export.pt"] and (used / "checkpoints" / "last.ckpt").is_file()

@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
 from clipdiff.errors import ClipdiffError
@@ -120,3 +122,15 @@ def run_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return Path(os.getcwd())
+
+
+class KeepEarlierConfig(HydraCallback):
+    """Hydra writes ``.hydra/`` (config, overrides) into the run directory before a command starts, so a command
+    pointed at an existing run directory (``hydra.run.dir=…``: refused, resumed or overwritten) would replace the
+    earlier run's record of how it was made: it is kept as ``.hydra.bak-<time>`` first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        earlier = Path(str(config.hydra.run.dir)) / str(config.hydra.output_subdir or ".hydra")
+        if earlier.is_dir():
+            kept = earlier.with_name(f"{earlier.name}.bak-{datetime.now():%Y%m%d-%H%M%S-%f}")
+            os.replace(earlier, kept)
