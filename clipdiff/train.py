@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None
             f"hydra.run.dir={run_dir} already holds a run ({', '.join(used[:5])}{', …' * (len(used) > 5)}): train "
             "into a new directory (leave hydra.run.dir out), continue that run with ckpt_path=last, or add "
             "overwrite=true (its files are then kept as <name>.bak-<time>)")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S-%f}"  # never the name of an earlier backup
     for name in used:
         os.replace(run_dir / name, run_dir / f"{name}.bak-{stamp}")
     log.warning("overwrite=true: the earlier run's %s in %s are kept as <name>.bak-%s", ", ".join(used), run_dir, stamp)
