@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -26,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.cli import hydra_entry, run_dir
 from clipdiff.utils.io import atomic_open
-from clipdiff.utils.procs import LoggedProcess
+from clipdiff.utils.procs import LoggedProcess, stop_requests
 
 log = logging.getLogger("clipdiff.pipeline")
 
@@ -175,7 +177,11 @@ class Stage:
         return None
 
     def start(self) -> None:
-        if (self.dir / MARKER).is_file():  # a finished run that is not reused: kept beside, never overwritten
+        # a finished run that is not reused, or an unfinished one that this command does not resume (stopped before
+        # its first checkpoint): kept beside, never overwritten
+        resumes = any(a.startswith("ckpt_path=") for a in self.cmd)
+        unfinished = self.stage.get("hydra_run_dir", True) and self.dir.is_dir() and any(self.dir.iterdir())
+        if (self.dir / MARKER).is_file() or (unfinished and not resumes):
             kept = self.dir.with_name(f"{self.name}.replaced-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}")
             os.replace(self.dir, kept)
             log.info("[%s] its previous outputs are kept in %s", self.name, kept)
@@ -199,14 +205,49 @@ def run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready) -> li
     """Run the stages as their inputs (``after``) finish, at most ``cfg.jobs`` at once, in config order.
 
     ``on_ready(name)`` runs an in-process stage (``command: data_report``). A failed stage stops the others with
-    SIGTERM (training stages write ``last.ckpt`` first), so rerunning the pipeline continues all of them.
+    SIGTERM (training stages write ``last.ckpt`` first), so rerunning the pipeline continues all of them. So does
+    SIGTERM or SIGINT (Ctrl-C) to the pipeline: it is passed on to the running stages as SIGTERM, the pipeline waits
+    for them to save and exit, says how to continue, and exits with 128 + the signal.
     """
+    with stop_requests() as stop:
+        return _run_stages(cfg, names, workdir, on_ready, stop)
+
+
+def stop_stages(running: dict[str, Stage], signum: int, records: dict) -> None:
+    """Pass a stop on to the running stages (SIGTERM: training stages save ``last.ckpt``), wait for them, and exit
+    with 128 + ``signum`` after saying how to continue; a stage that finishes meanwhile is recorded as done."""
+    name = signal.Signals(signum).name
+    for st in running.values():
+        log.warning("[%s] stopping (SIGTERM): the pipeline got %s", st.name, name)
+        st.process.send_signal(signal.SIGTERM)
+    saved = []
+    for st in running.values():
+        try:
+            code = st.process.proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            log.warning("[%s] did not stop within 300 s: killed", st.name)
+            st.process.proc.kill()
+            code = st.process.proc.wait()
+        st.process.poll()
+        if code == 0:
+            records[st.name] = st.finish()
+        elif (st.dir / "checkpoints" / "last.ckpt").is_file():
+            saved.append(f"{st.name} ({st.dir / 'checkpoints' / 'last.ckpt'})")
+    again = " ".join(shlex.quote(a) for a in ["python", "-m", "clipdiff.pipeline", *sys.argv[1:]])
+    log.warning("stopped by %s%s; the same command continues (finished stages are reused, training stages resume "
+                "from their last.ckpt): %s", name, f"; saved {', '.join(saved)}" if saved else "", again)
+    sys.exit(128 + signum)
+
+
+def _run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready, stop: list[int]) -> list[dict]:
     deps = dependencies(cfg, list(cfg.stages))
     selected = set(names)
     todo, running, done, records = list(names), {}, set(), {}
     jobs = max(1, int(cfg.get("jobs") or 1))
     rerun = stage_selection(cfg, "rerun") or set()
     while todo or running:
+        if stop:
+            stop_stages(running, stop[0], records)
         for name in list(todo):
             if len(running) >= jobs:
                 break

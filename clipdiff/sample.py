@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from clipdiff.diffusion.sampling import save_samples
 from clipdiff.errors import ClipdiffError
 from clipdiff.pipelines.guided import GuidedPipeline
+from clipdiff.utils.checks import count
 from clipdiff.utils.cli import hydra_entry
 from clipdiff.utils.io import atomic_open
 
@@ -29,6 +30,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.run_dir)
     if (out_dir / "grid.png").exists():
         raise ClipdiffError(f"{out_dir} already holds samples; sampling writes into a new run directory")
+    for key in ("num_samples", "batch_size", "sampler.steps", "grid_nrow"):
+        count(OmegaConf.select(cfg, key), key)
+    count(cfg.seed, "seed", minimum=None)
     guidance = instantiate(cfg.guidance) if cfg.get("guidance") else None  # guidance=none: an empty node
     sampler = instantiate(cfg.sampler).check()
     method = guidance.kind if guidance is not None else "none"

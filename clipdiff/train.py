@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from clipdiff.errors import ClipdiffError
+from clipdiff.utils.checks import check_call_args
 from clipdiff.utils.cli import hydra_entry
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
     # resolve first: a detached copy could not follow interpolations into other groups (${data.image_size})
     resolved = OmegaConf.to_container(model_cfg, resolve=True)
     args = {k: v for k, v in resolved.items() if k not in NOT_MODULE_ARGS}
+    check_call_args(args, "model")
     cls = get_class(model_cfg._target_)
     extra: dict[str, Any] = {}
     if "vocabulary" in inspect.signature(cls.__init__).parameters:
@@ -65,6 +69,64 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
         raise ClipdiffError(f"ckpt_path={ckpt_path} does not exist (give a checkpoint file or a training run "
                             "directory to resume)")
     return str(path)
+
+
+def resumes_in(run_dir: Path, ckpt_path: str | None) -> bool:
+    """Whether this run continues the run in ``run_dir`` itself: ``ckpt_path=last``/``hpc``, a checkpoint inside it,
+    or a SLURM ``hpc_ckpt_*.ckpt`` there (which Lightning resumes from by itself)."""
+    if ckpt_path in ("last", "hpc") or any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return True
+    resolved = resolve_ckpt_path(ckpt_path)
+    return bool(resolved) and run_dir.resolve() in Path(resolved).resolve().parents
+
+
+def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """Refuse to train into a directory that holds an earlier run's files (checkpoints, export, logs, samples),
+    unless this run resumes that one, or ``overwrite=true``: then each of them is kept as ``<name>.bak-<time>``.
+    Hydra's ``.hydra/`` (the earlier one is kept as ``.hydra.bak-<time>``: ``KeepEarlierConfig``) and log file
+    are not counted: Hydra writes them before any command starts."""
+    if not run_dir.is_dir():
+        return
+    used = sorted(p.name for p in run_dir.iterdir() if p.name != ".hydra" and not p.name.endswith(".log")
+                  and ".bak-" not in p.name and not (p.is_dir() and not any(p.iterdir())))
+    if not used or resumes_in(run_dir, ckpt_path):
+        return
+    if not overwrite:
+        raise ClipdiffError(
+            f"hydra.run.dir={run_dir} already holds a run ({', '.join(used[:5])}{', …' * (len(used) > 5)}): train "
+            "into a new directory (leave hydra.run.dir out), continue that run with ckpt_path=last, or add "
+            "overwrite=true (its files are then kept as <name>.bak-<time>)")
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S-%f}"  # never the name of an earlier backup
+    for name in used:
+        os.replace(run_dir / name, run_dir / f"{name}.bak-{stamp}")
+    log.warning("overwrite=true: the earlier run's %s in %s are kept as <name>.bak-%s", ", ".join(used), run_dir, stamp)
+
+
+def check_checkpoint_fits(path: str, model: L.LightningModule) -> None:
+    """A resume from a checkpoint of another model (or of other model settings) is one line, not Lightning's
+    state-dict error listing every key. Read memory-mapped: nothing but the key names and shapes is loaded."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 (any unreadable file is the same mistake)
+        raise ClipdiffError(f"ckpt_path={path} is not a readable checkpoint ({type(e).__name__}): give a .ckpt "
+                            "written by clipdiff.train, or its run directory") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if state is None or "loops" not in ckpt:
+        raise ClipdiffError(f"ckpt_path={path} is not a training checkpoint (an export.pt is for sampling and "
+                            "model.init_from): give a .ckpt written by clipdiff.train, or its run directory")
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unknown = [k for k in state if k not in want]
+    reshaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unknown or reshaped:
+        config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+        where = f" ({config} has them)" if config.is_file() else ""
+        raise ClipdiffError(
+            f"ckpt_path={path} holds another model's weights ({len(missing)} of this model's missing, {len(unknown)} "
+            f"unknown, {len(reshaped)} of another shape; e.g. {(missing + unknown + reshaped)[0]}): resume with the "
+            f"model=… and model.* settings it was trained with{where}")
 
 
 def log_friendly_progress_bar(callbacks: list, enabled: bool, on_terminal: bool) -> list:
@@ -107,6 +169,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    if ckpt_path not in (None, "last", "hpc"):
+        check_checkpoint_fits(ckpt_path, model)
     # our own checkpoints hold hyperparameters such as optimizer partials: trusted, so not weights-only
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -135,11 +199,16 @@ def finish_wandb_run() -> None:
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from clipdiff.utils import resume
+
+    claim_run_dir(Path(cfg.paths.run_dir), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
     try:
         metrics, _ = train(cfg)
     except SIGTERMException:
-        log.warning("stopped by SIGTERM; continue with: python -m clipdiff.train … ckpt_path=%s", cfg.paths.run_dir)
-        sys.exit(128 + signal.SIGTERM)
+        signum = resume.stop_signal or signal.SIGTERM
+        log.warning("stopped by %s; continue with: python -m clipdiff.train … ckpt_path=%s",
+                    signal.Signals(signum).name, cfg.paths.run_dir)
+        sys.exit(128 + signum)
     finally:
         finish_wandb_run()
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
 class HoldAt(Callback):
@@ -45,3 +45,15 @@ class RecordBatches(Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._record("val", trainer, batch)
+
+
+class HoldingStepCheckpoint(ModelCheckpoint):
+    """The step checkpoint (``callbacks.step_checkpoint._target_=scaleout_helpers.HoldingStepCheckpoint``) that,
+    when ``CLIPDIFF_TEST_HOLD_STEP`` is set, holds after that optimizer step like :class:`HoldAt` (writing the
+    file ``CLIPDIFF_TEST_HOLD_MARKER``): a pipeline stage's arguments stay the same with and without the hold."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        super().on_train_batch_end(trainer, *args)
+        step = os.environ.get("CLIPDIFF_TEST_HOLD_STEP")
+        if step is not None:
+            HoldAt(int(step), os.environ["CLIPDIFF_TEST_HOLD_MARKER"]).on_train_batch_end(trainer)

@@ -231,3 +231,44 @@ def test_single_shared_label_file(flat_root: Path, tmp_path: Path):
         load_split_labels(shared, {"cars_train": train_ids[:-1], "cars_val": ["b1", "b2"]})
     dm = make_dm(flat_root, tmp_path, captions=str(shared))
     assert Counter(dm.index()["train"].captions)["a white car"] == 2
+
+
+def test_16_bit_greyscale_pngs_are_scaled_not_clipped(flat_root: Path, tmp_path: Path):
+    """A 16-bit greyscale view (Pillow mode I;16) reads as the same picture in 8 bits, with and without the cache,
+    and the labeller sees a car in it (it flagged the view blank when every value above 255 became white)."""
+    from clipdiff.labeling.labeller import analyse_object
+
+    rgb = flat_root / "cars_train" / "a2" / "rgb"  # "a blue car": a dark square on white
+    want = {}
+    for png in sorted(rgb.glob("*.png")):
+        grey8 = np.asarray(Image.open(png).convert("L"))
+        want[png.name] = grey8
+        Image.fromarray(grey8.astype(np.uint16) * 257).save(png)  # 0..255 → 0..65535, written as 16-bit greyscale
+        with Image.open(png) as im:
+            assert im.mode.startswith("I")
+    got = load_image(rgb / "000000.png")
+    np.testing.assert_array_equal(got, np.repeat(want["000000.png"][..., None], 3, axis=2))
+    for cache in (True, False):
+        dm = make_dm(flat_root, tmp_path / str(cache), image_size=16, cache=cache)
+        ds = dm.datasets["train"]
+        rows = [i for i in range(len(ds)) if int(ds.index.object_index[ds.rows[i]]) == 1]
+        images = ds.float_images(rows)
+        assert images.min() < 0.5, f"cache={cache}: the 16-bit views read as white"
+        np.testing.assert_allclose(images[0, 0].numpy() * 255, want["000000.png"], atol=0.51)
+    assert not analyse_object(rgb.parent, views=3).blank
+
+
+def test_non_square_images_are_stretched_with_a_warning_naming_one(flat_root: Path, tmp_path: Path, caplog):
+    from clipdiff.data import srn
+
+    wide = flat_root / "cars_train" / "a3" / "rgb" / "000001.png"
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(wide)
+    make_dm(flat_root, tmp_path)  # builds the cache
+    assert "not square" in caplog.text and "000001.png" in caplog.text
+    caplog.clear()
+    make_dm(flat_root, tmp_path)  # a later run reads the cache: still said
+    assert "1 image(s) are not square" in caplog.text and str(wide) in caplog.text
+    caplog.clear()
+    srn._stretch_warned = False
+    load_image(wide, 8)  # without the cache: the first one this process meets
+    assert str(wide) in caplog.text and "24×16" in caplog.text

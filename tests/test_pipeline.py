@@ -202,3 +202,76 @@ def test_a_failing_stage_stops_the_others_with_one_line(tmp_path: Path, monkeypa
     assert str(err.value).startswith(f"stage 'bad' failed (exit 3; its log: {tmp_path / 'bad.log'})")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "slow" / "stage.json").exists() and not (tmp_path / "bad" / "stage.json").exists()
+@pytest.mark.slow
+def test_a_stopped_pipeline_saves_its_training_stages_and_the_same_command_resumes(tmp_path: Path):
+    """``kill -TERM <pipeline>`` while the DDPM trains: the pipeline passes it on, the DDPM writes last.ckpt, the
+    pipeline says how to continue and exits 143; the same command then reuses render and label and resumes the DDPM
+    from that step to its end."""
+    import signal
+    import time
+
+    import torch
+
+    args = ["stages.render.args.num_objects=16", "stages.render.args.views_per_object=3",
+            "stages.render.args.image_size=32", "data.image_size=32", "train_logger=csv", "+stages.label.args.views=3",
+            "+stages.ddpm.args.trainer.max_steps=6", "+stages.ddpm.args.data.batch_size=8",
+            "+stages.ddpm.args.callbacks.step_checkpoint._target_=scaleout_helpers.HoldingStepCheckpoint",
+            "only=[render,label,ddpm]"]
+    marker = tmp_path / "held"
+    env = {**os.environ, "CLIPDIFF_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    held = {**env, "CLIPDIFF_TEST_HOLD_STEP": "3", "CLIPDIFF_TEST_HOLD_MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "clipdiff.pipeline", *args]
+    first = subprocess.Popen(cmd, cwd=REPO, env=held, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM" in out and "the same command continues" in out, out[-3000:]
+    ddpm = tmp_path / "outputs" / "demo" / "ddpm"
+    assert torch.load(ddpm / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    assert not (ddpm / "stage.json").exists()
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "[render] reused" in log and "[label] reused" in log and f"ckpt_path={ddpm / 'checkpoints' / 'last.ckpt'}" in log
+    assert json.loads((ddpm / "stage.json").read_text())["args"]  # finished
+    assert torch.load(ddpm / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+
+
+def test_ctrl_c_is_passed_on_to_the_running_stages(tmp_path: Path, monkeypatch, caplog):
+    """SIGINT to the pipeline: each running stage gets SIGTERM and is waited for; then one line says how to continue
+    and the pipeline exits 130."""
+    import logging
+    import signal
+    import threading
+    import time
+
+    from clipdiff import pipeline
+
+    script = ("import pathlib, signal, sys, time\n"
+              "def stop(s, f):\n    pathlib.Path(sys.argv[1]).write_text('saved'); sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, stop)\npathlib.Path(sys.argv[2]).write_text('ready')\ntime.sleep(120)\n")
+    monkeypatch.setattr(pipeline, "stage_command", lambda stage, stage_dir: [
+        sys.executable, "-c", script, str(stage_dir.parent / f"{stage_dir.name}.saved"),
+        str(stage_dir.parent / f"{stage_dir.name}.ready")])
+    stages = {"a": {"command": "train", "after": []}, "b": {"command": "train", "after": []},
+              "c": {"command": "train", "after": ["a"]}}
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"{s}.ready").exists() for s in "ab") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="clipdiff.pipeline"), pytest.raises(SystemExit) as stopped:
+        pipeline.run_stages(pipeline_cfg(stages), list(stages), tmp_path, on_ready=lambda n: None)
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert (tmp_path / "a.saved").read_text() == "saved" and (tmp_path / "b.saved").read_text() == "saved"
+    assert not (tmp_path / "c.ready").exists()  # nothing new starts once stopped
+    assert "stopped by SIGINT" in caplog.text and "the same command continues" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the pipeline's handlers are gone

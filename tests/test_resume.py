@@ -29,6 +29,8 @@ RUN = [
     "model.unet.norm_num_groups=4", "model.sample_every_n_epochs=null", "model.ema_decay=0.9",
     "model.scheduler.num_warmup_steps=2", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv",
     "callbacks.step_checkpoint.every_n_train_steps=3",
+    # the monitored metric never improves after epoch 0: last.ckpt must still be written at every epoch's end
+    "model.monitor.metric=epoch", "model.monitor.mode=min",
 ]
 
 
@@ -41,16 +43,31 @@ def root(tmp_path_factory) -> Path:
                       "cars_test": {"c1": "a blue car"}})
 
 
-def start_and_hold(root: Path, run_dir: Path, step: int) -> tuple[subprocess.Popen, Path]:
-    """``python -m clipdiff.train`` that stops after optimizer step ``step`` and waits for a signal."""
+def start_and_hold(root: Path, run_dir: Path, step: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """``python -m clipdiff.train`` that stops after optimizer step ``step`` and waits for a signal (in a session of
+    its own, so that a signal to its process group is what a terminal's Ctrl-C sends)."""
     marker = run_dir.parent / f"{run_dir.name}.held"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "clipdiff.train", *RUN, f"data.root={root}", f"hydra.run.dir={run_dir}",
+    cmd = [sys.executable, "-m", "clipdiff.train", *RUN, *extra, f"data.root={root}", f"hydra.run.dir={run_dir}",
            "+callbacks.hold._target_=scaleout_helpers.HoldAt", f"+callbacks.hold.step={step}",
            f"+callbacks.hold.marker={marker}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     return proc, marker
+
+
+_REFERENCE: dict[str, dict] = {}
+
+
+def reference(root: Path, tmp_path_factory) -> dict:
+    """``last.ckpt`` of the uninterrupted run (trained once per module, in this process)."""
+    if "ckpt" not in _REFERENCE:
+        out = tmp_path_factory.mktemp("reference")
+        _, objects = train(compose_config("train", [*RUN, f"data.root={root}", f"paths.run_dir={out}"]))
+        assert isinstance(objects["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)
+        _REFERENCE["ckpt"] = load(out / "checkpoints" / "last.ckpt")
+    return _REFERENCE["ckpt"]
 
 
 def wait_for(proc: subprocess.Popen, marker: Path, timeout: float = 120.0) -> None:
@@ -89,12 +106,12 @@ def assert_same_state(got: dict, want: dict) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(root, tmp_path):
+def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(root, tmp_path, tmp_path_factory):
     # both interrupted runs go at once (2 cores); the uninterrupted reference trains meanwhile in this process
     killed, killed_marker = start_and_hold(root, tmp_path / "killed", step=7)  # last step checkpoint: step 6
     termed, termed_marker = start_and_hold(root, tmp_path / "termed", step=5)
     try:
-        _, ref_objects = train(compose_config("train", [*RUN, f"data.root={root}", f"paths.run_dir={tmp_path / 'ref'}"]))
+        want = reference(root, tmp_path_factory)
         wait_for(killed, killed_marker)
         killed.send_signal(signal.SIGKILL)
         wait_for(termed, termed_marker)
@@ -109,8 +126,6 @@ def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(root, tmp_pa
     assert termed.returncode == 128 + signal.SIGTERM, term_out[-3000:]
     assert "stopped by SIGTERM" in term_out
 
-    assert isinstance(ref_objects["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)
-    want = load(tmp_path / "ref" / "checkpoints" / "last.ckpt")
     assert want["global_step"] == 8 and int(want["state_dict"]["ema.n_averaged"]) == 8
 
     # SIGKILL: the newest checkpoint is the step-6 one, mid-epoch 1 (2 of its 4 batches done)
@@ -128,6 +143,41 @@ def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(root, tmp_pa
         assert_same_state(load(out / "checkpoints" / "last.ckpt"), want)
     # the resumed runs did train: their weights moved from the interruption point
     assert not torch.equal(at_kill["state_dict"]["unet.conv_in.weight"], want["state_dict"]["unet.conv_in.weight"])
+
+
+@pytest.mark.slow
+def test_max_steps_and_ctrl_c_runs_resume_to_the_uninterrupted_state(root, tmp_path, tmp_path_factory):
+    """With ``trainer.max_steps`` set (``max_epochs`` still the limit that stops the run), a resume from an epoch-end
+    checkpoint lost an epoch; Ctrl-C (SIGINT to the process group) saved nothing. Three runs at once:
+
+    - ``epoch_end``: max_steps=100, SIGKILL at step 5; its newest checkpoint is epoch 0's end (step 4);
+    - ``int_last``: max_steps=100, Ctrl-C at step 4, the last batch of epoch 0 (it stops after that epoch ends);
+    - ``int_mid``: Ctrl-C at step 6, mid-epoch."""
+    runs = {"epoch_end": (5, ["trainer.max_steps=100"]), "int_last": (4, ["trainer.max_steps=100"]), "int_mid": (6, [])}
+    procs = {name: start_and_hold(root, tmp_path / name, step, *extra) for name, (step, extra) in runs.items()}
+    try:
+        want = reference(root, tmp_path_factory)
+        for name, (proc, marker) in procs.items():
+            wait_for(proc, marker)
+            os.killpg(proc.pid, signal.SIGKILL if name == "epoch_end" else signal.SIGINT)
+        outs = {name: proc.communicate(timeout=90)[0] for name, (proc, _) in procs.items()}
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    codes = {name: proc.returncode for name, (proc, _) in procs.items()}
+    assert codes == {"epoch_end": -signal.SIGKILL, "int_last": 128 + signal.SIGINT, "int_mid": 128 + signal.SIGINT}, outs
+    for name in ("int_last", "int_mid"):
+        assert "stopped by SIGINT; continue with" in outs[name] and "Traceback" not in outs[name], outs[name][-3000:]
+    assert want["global_step"] == 8  # the reference's last.ckpt is its final epoch's, although that did not improve
+    steps = {name: load(tmp_path / name / "checkpoints" / "last.ckpt")["global_step"] for name in runs}
+    assert steps == {"epoch_end": 4, "int_last": 4, "int_mid": 6}
+
+    for name, (_, extra) in runs.items():
+        out = tmp_path / f"{name}_resumed"
+        train(compose_config("train", [*RUN, *extra, f"data.root={root}", f"paths.run_dir={out}",
+                                       f"ckpt_path={tmp_path / name}"]))
+        assert_same_state(load(out / "checkpoints" / "last.ckpt"), want)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -159,3 +209,22 @@ def test_ckpt_path_takes_a_file_a_run_dir_or_last(tmp_path):
     assert resolve_ckpt_path("last") == "last" and resolve_ckpt_path(None) is None
     with pytest.raises(ClipdiffError, match="does not exist"):
         resolve_ckpt_path(str(tmp_path / "nothing.ckpt"))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_respect_the_umask(tmp_path, mask):
+    from clipdiff.utils.io import atomic_open
+
+    old = os.umask(mask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+        with atomic_open(tmp_path / "stage.json", "w") as f:
+            f.write("{}")
+        with open(tmp_path / "plain.txt", "w") as f:  # what an ordinary write gets
+            f.write("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == want
+    for name in ("last.ckpt", "stage.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, oct((tmp_path / name).stat().st_mode)

@@ -7,7 +7,8 @@ from the memmap and nothing else: the conversion to float happens after the batc
 A cache file is keyed by the image size and by the path, size and modification time of every input PNG, so it
 is rebuilt exactly when its inputs change. It is written to a temporary file and renamed into place, so an
 interrupted build leaves nothing half-written. Unreadable or empty PNGs are skipped: their slot stays white,
-they are marked invalid in the cache's metadata, listed once in a warning, and left out of the dataset.
+they are marked invalid in the cache's metadata, listed once in a warning, and left out of the dataset. Non-square
+images are stretched to the square size and named in a warning whenever the cache is opened.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from clipdiff.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: channels-first
+CACHE_VERSION = 3  # 2: channels-first; 3: 16-bit greyscale scaled, not clipped
 
 
 def cache_key(paths: Sequence[Path], size: int) -> str:
@@ -54,6 +55,10 @@ class PackedImages:
             self._build(progress)
         self.images = np.load(self.file, mmap_mode="r")
         meta = json.loads(self.meta_file.read_text())
+        stretched = meta.get("stretched_paths") or []
+        if stretched:  # said on every run that reads this cache, not only the one that built it
+            log.warning("%d image(s) are not square and were stretched to %d×%d, e.g. %s (listed in %s)",
+                        len(stretched), size, size, stretched[0], self.meta_file)
         self.valid = np.ones(len(self.paths), dtype=bool)
         self.valid[meta["invalid"]] = False
         if self.images.shape != (len(self.paths), 3, size, size):
@@ -68,12 +73,17 @@ class PackedImages:
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
         invalid: list[int] = []
+        stretched: list[int] = []
 
         def decode(i: int) -> tuple[int, np.ndarray | None]:
+            source: list[int] = []
             try:
-                return i, load_image(self.paths[i], s)
+                img = load_image(self.paths[i], s, source_size=source)
             except ClipdiffError:
                 return i, None
+            if source[0] != source[1]:
+                stretched.append(i)
+            return i, img
 
         try:
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -97,4 +107,5 @@ class PackedImages:
             )
         with atomic_open(self.meta_file, "w") as f:
             json.dump({"size": s, "count": n, "invalid": invalid,
-                       "invalid_paths": [str(self.paths[i]) for i in invalid]}, f)
+                       "invalid_paths": [str(self.paths[i]) for i in invalid],
+                       "stretched_paths": [str(self.paths[i]) for i in sorted(stretched)]}, f)

@@ -33,6 +33,7 @@ from clipdiff.data.sampler import DistinctCaptionBatchSampler
 from clipdiff.data.srn import SrnObject, check_root, load_image, scan_split
 from clipdiff.data.vocab import Vocabulary
 from clipdiff.errors import ClipdiffError
+from clipdiff.utils.checks import count
 from clipdiff.utils.images import float_images
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,12 @@ class CarsDataModule(L.LightningDataModule):
         progress: bool = True,
     ):
         super().__init__()
+        for key, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
+                                ("num_workers", num_workers, 0), ("seed", seed, None)):
+            count(value, f"data.{key}", minimum=low)
+        for key, value in (("eval_batch_size", eval_batch_size), ("views_per_object", views_per_object),
+                           ("eval_views_per_object", eval_views_per_object)):
+            count(value, f"data.{key}", optional=True)
         self.save_hyperparameters(logger=False)
         if sampler not in ("random", "distinct_caption"):
             raise ClipdiffError(f"data.sampler={sampler!r}: choose 'random' or 'distinct_caption'")

@@ -25,6 +25,8 @@ from clipdiff.errors import ClipdiffError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png",)
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}  # mode → white level
+_stretch_warned = False
 
 
 @dataclass
@@ -86,15 +88,30 @@ def select_views(views: list[Path], k: int | None) -> list[Path]:
     return [views[i] for i in idx]
 
 
-def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
+def load_image(path: str | Path, size: int | None = None, source_size: list | None = None) -> np.ndarray:
     """Decode one view as uint8 HWC RGB; transparent pixels go onto white; optional square resize.
 
-    Raises ClipdiffError naming the file when it is empty or not a readable image.
+    16-bit greyscale (Pillow modes ``I;16*`` and ``I``) is scaled to 8 bits (65535 → 255), not clipped (Pillow's
+    own ``convert`` clips every value above 255 to white). A non-square image is stretched to the square ``size``,
+    and the first one a process meets is named in a warning: SRN renders are square, so one that is not is
+    probably a stray file, and training on a stretched car is still better than refusing a whole dataset for it.
+    ``source_size``, a list, receives the file's (width, height). Raises ClipdiffError naming the file when it is
+    empty or not a readable image.
     """
+    global _stretch_warned
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
+            if source_size is not None:
+                source_size[:] = im.size
+            if im.mode in WIDE_MODES:
+                wide = np.asarray(im, dtype=np.float64) * (255.0 / WIDE_MODES[im.mode])
+                im = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), "L")
+            if size is not None and im.width != im.height and not _stretch_warned:
+                _stretch_warned = True
+                log.warning("%s is %d×%d, not square: it is stretched to %d×%d (as is any other non-square image; "
+                            "crop them square to keep the proportions)", path, im.width, im.height, size, size)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 im = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -7,12 +7,15 @@ progress-bar redraws (``\\r`` updates) reach the console at most every ``progres
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -63,6 +66,10 @@ class LoggedProcess:
             self._log.close()
         return code
 
+    def send_signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
     def terminate(self) -> None:
         """SIGTERM (a training stage writes last.ckpt before it exits), then wait for it."""
         if self.proc.poll() is None:
@@ -72,3 +79,19 @@ class LoggedProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.poll()
+
+
+@contextlib.contextmanager
+def stop_requests(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """While inside, SIGTERM and SIGINT do not end this process: they are appended to the yielded list, for the
+    caller to stop its children in order (outside the main thread nothing is installed)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
