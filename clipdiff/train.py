@@ -28,22 +28,24 @@ if TYPE_CHECKING:
 # Lightning, torch and the models are imported where they are used, so that `--help` and `--cfg job` answer at once.
 log = logging.getLogger("clipdiff.train")
 
-NOT_MODULE_ARGS = ("monitor",)  # model-group keys read by callbacks, not passed to the module
-
-
 def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
     """Instantiate the model group; modules that take ``vocabulary`` get the DataModule's captions."""
+    from hydra.errors import InstantiationException
     from hydra.utils import get_class, instantiate
 
     # resolve first: a detached copy could not follow interpolations into other groups (${data.image_size})
-    resolved = OmegaConf.to_container(model_cfg, resolve=True)
-    args = {k: v for k, v in resolved.items() if k not in NOT_MODULE_ARGS}
+    args = OmegaConf.to_container(model_cfg, resolve=True)
     check_call_args(args, "model")
     cls = get_class(model_cfg._target_)
     extra: dict[str, Any] = {}
     if "vocabulary" in inspect.signature(cls.__init__).parameters:
         extra["vocabulary"] = datamodule.vocab.to_list()
-    return instantiate(args, _convert_="all", **extra)
+    try:
+        return instantiate(args, _convert_="all", **extra)
+    except InstantiationException as e:  # the module's own one-line error, not Hydra's wrapper around it
+        if isinstance(e.__cause__, ClipdiffError):
+            raise e.__cause__ from None
+        raise
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -134,7 +134,7 @@ def test_augmentation_keeps_colours_and_range():
 def test_judge_rejects_bad_input_and_class_weighting(tmp_path: Path, flat_root: Path):
     with pytest.raises(ClipdiffError, match=r"\[B, 3, H, W\]"):
         Judge(3)(torch.rand(3, 16, 16))
-    with pytest.raises(Exception, match="class_weighting"):
+    with pytest.raises(ClipdiffError, match="class_weighting"):
         run_train(flat_root, tmp_path / "run", ["trainer.max_steps=1", "model.class_weighting=inverse", *TINY_NET])
 
 

@@ -46,6 +46,7 @@ class ClipModule(L.LightningModule):
         logit_scale_max: float = 100.0,
         hflip: bool = True,
         plot_every_n_epochs: int = 1,
+        monitor: dict | None = None,  # {metric, mode}: what the checkpoint callbacks call best (kept in hparams)
     ):
         """``image_size`` overrides the architecture's input size (null: the config's); images of another
         size are resized to it. ``hflip`` flips half of each training batch (the captions do not depend on it)."""

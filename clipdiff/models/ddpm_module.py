@@ -60,6 +60,7 @@ class DdpmModule(L.LightningModule):
         sample_eta: float = 1.0,
         num_sample_images: int = 16,
         sample_seed: int = 0,
+        monitor: dict | None = None,  # {metric, mode}: what the checkpoint callbacks call best (kept in hparams)
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)

@@ -36,6 +36,7 @@ class JudgeModule(L.LightningModule):
         label_smoothing: float = 0.0,
         class_weighting: str = "none",
         vocabulary: list[str] | None = None,
+        monitor: dict | None = None,  # {metric, mode}: what the checkpoint callbacks call best (kept in hparams)
     ):
         super().__init__()
         if not vocabulary:

@@ -78,6 +78,7 @@ class NoisyClipModule(L.LightningModule):
         val_seed: int = 0,
         clean_reference: bool = True,
         plot_every_n_epochs: int = 1,
+        monitor: dict | None = None,  # {metric, mode}: what the checkpoint callbacks call best (kept in hparams)
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
