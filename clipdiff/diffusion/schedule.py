@@ -108,6 +108,16 @@ def from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor, alphas
     return (eps - (1 - abar).sqrt() * x_t) / abar.sqrt()
 
 
+def eps_change_as_output(delta: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor,
+                         prediction_type: str) -> torch.Tensor:
+    """A change of the predicted noise as the same change of the model's output (the linear part of
+    :func:`from_eps`: dv = d eps / sqrt(abar)). Adding it to the output, rather than converting eps back, keeps an
+    unchanged eps bit for bit the model's output (at high noise the round trip loses the output's low bits)."""
+    if prediction_type == "epsilon":
+        return delta
+    return delta / _abar(alphas_cumprod, t, delta).sqrt()
+
+
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x0_hat = (x_t - sqrt(1-abar)·eps) / sqrt(abar), differentiable in x_t and eps (images in [-1, 1])."""
     abar = _abar(alphas_cumprod, t, x_t)
