@@ -18,7 +18,7 @@ from clipdiff.models.components.unet import load_ddpm
 from clipdiff.pipelines.guided import GuidedPipeline
 
 TARGETS = ["a red car", "a blue car", "a green jeep/bus", "a white car"] * 2
-STEPS = 10  # (5 trailing steps of eta 1 on this schedule give NaN in diffusers' first step: see the report)
+STEPS = 10
 
 
 def demo_schedule() -> dict:
@@ -80,6 +80,14 @@ def test_guided_samples_raise_the_guides_target_probability(pipe, unguided, meth
     assert (after > before).all(), (before, after)
     assert (out.guide_logits.argmax(1) == out.targets).float().mean() > \
            (guide.final_logits(unguided.images).argmax(1) == out.targets).float().mean()
+
+
+@pytest.mark.parametrize("steps", [4, 5])
+def test_few_stochastic_ddim_steps_from_t_max_give_finite_images(pipe, steps):
+    """From ā_999 ≈ 2e-9 at eta 1, DDIM's sqrt(1 − ā_prev − σ²) is 0 up to rounding: in float32 5 steps made it
+    negative, and every image NaN."""
+    out = pipe(num_samples=4, sampler=demo_sampler(), steps=steps, seed=0)
+    assert out.images.isfinite().all()
 
 
 def test_trailing_steps_must_land_on_the_next_timestep():

@@ -58,7 +58,10 @@ def sampling_scheduler(schedule: Mapping[str, Any], sampler: str = "ddim", **ove
     bad = sorted(set(overrides) & set(NOISE_KEYS))
     if bad:
         raise ClipdiffError(f"sampler settings may not change the noise schedule ({', '.join(bad)})")
-    return SAMPLERS[sampler].from_config(train_scheduler(schedule).config, **overrides)
+    scheduler = SAMPLERS[sampler].from_config(train_scheduler(schedule).config, **overrides)
+    if sampler == "ddim":  # DDIM's step takes sqrt(1 - ā_prev - σ²), 0 up to rounding on a step from ā_T ≈ 0 at eta 1:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()  # float32 rounds it below 0 (NaN images)
+    return scheduler
 
 
 def _normalised(schedule: Mapping[str, Any]) -> dict[str, Any]:
