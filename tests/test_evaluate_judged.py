@@ -119,7 +119,7 @@ def test_accuracy_columns_are_the_judges_known_answers(rigged):
 def test_guide_acc_is_the_guides_own_argmax(rigged):
     result, drawn, _ = rigged
     rows = rows_of(result["run_dir"] / "results.csv")
-    (_, none), (job, guided) = drawn
+    _, (job, guided) = drawn
     assert all(r["guide_acc"] == "" for r in rows if r["method"] == "none")  # no guide: NaN, written empty
     model = job.cond.guide.model  # the noisy CLIP, reading finished samples at t = 0
     with torch.no_grad():
