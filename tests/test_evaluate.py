@@ -41,7 +41,7 @@ def models(tmp_path_factory):
 def args(models, run_dir: Path, *extra: str) -> list[str]:
     return [f"ddpm_ckpt={models['ddpm']}", f"clip_ckpt={models['clip']}", f"noisy_clip_ckpt={models['noisy']}",
             f"judge_ckpt={models['judge']}", f"data.root={models['root']}", "data.cache=false",
-"sampler.steps=3", "num_per_caption=3",
+"sampler.steps=4", "num_per_caption=3",
             "progress=false", "bootstrap=200", f"paths.run_dir={run_dir}", *extra]
 
 

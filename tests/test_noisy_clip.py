@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose_config
 from omegaconf import OmegaConf
 
@@ -54,7 +55,7 @@ def noisy_run(tmp_path_factory):
     cfg = compose_train([
         "model=noisy_clip", "diffusion=cosine_1000", f"model.init_from={init}", f"data.root={root}",
         "data.cache=false", "data.batch_size=6", "data.progress=false", "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false", "logger=csv", f"paths.run_dir={run_dir}", "model.loss.logit_adjust=1.0",
+        "trainer.enable_progress_bar=false", "logger=csv", f"paths.run_dir={run_dir}",  # logit_adjust: the default 1
     ])
     metrics, objects = train(cfg)
     return run_dir, cfg, metrics, objects, init
@@ -87,6 +88,67 @@ def test_logit_adjustment_adds_the_training_caption_prior(noisy_run):
     expected = ((counts + 1) / (counts.sum() + len(vocab))).log()  # the add-one smoothed prior of the train split
     assert torch.allclose(trained.log_prior, expected)
     assert vocab[int(trained.log_prior.argmax())] == "a white car"
+
+
+def train_prior(objects) -> torch.Tensor:
+    """log p(caption) of the fixture's training split, counted here (add-one smoothed)."""
+    vocab = objects["datamodule"].vocab.to_list()
+    views = len(objects["datamodule"]._dataset("train")) // 4
+    objs = torch.tensor([{"a red car": 1, "a blue car": 1, "a white car": 2}.get(c, 0) for c in vocab], dtype=torch.float)
+    return ((objs * views + 1) / (objs.sum() * views + len(vocab))).log()
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_training_cross_entropy_is_on_the_guides_raw_logits_plus_tau_log_prior(noisy_run, tau, monkeypatch):
+    """The caption loss is F.cross_entropy(raw + τ·log prior, y), where raw are the logits the guide reads."""
+    from clipdiff.utils.images import float_images
+
+    _, _, _, objects, _ = noisy_run
+    module: NoisyClipModule = objects["trainer"].lightning_module
+    assert module.loss_weights["logit_adjust"] == 1.0  # the default of conf/model/noisy_clip.yaml
+    seen = {}
+    encode = module.guide.encode_image
+
+    def spy(x_t, t, *args, **kw):
+        seen["x_t"], seen["t"] = x_t.detach(), t
+        return encode(x_t, t, *args, **kw)
+
+    monkeypatch.setattr(module.guide, "encode_image", spy)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    weights = dict(module.loss_weights)
+    module.loss_weights.update(contrastive=0.0, caption_ce=1.0, logit_adjust=tau)
+    try:
+        module.setup("fit")
+        batch = next(iter(objects["datamodule"].train_dataloader()))
+        batch = {**batch, "image": float_images(batch["image"])}
+        with torch.no_grad():
+            loss = module.training_step(batch, 0)
+            raw = load_noisy_clip(noisy_run[0] / "export.pt").logits(seen["x_t"], seen["t"])
+    finally:
+        module.loss_weights.update(weights)
+        module.setup("fit")
+    expected = F.cross_entropy(raw + tau * train_prior(objects), batch["caption"])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    assert float(loss) != pytest.approx(float(F.cross_entropy(raw, batch["caption"])), rel=1e-3)
+
+
+def test_guidance_reads_the_prior_free_logits(noisy_run):
+    """The sampler's noisy-CLIP guide scores with the raw logits (the module's forward), not raw + log prior."""
+    from clipdiff.diffusion.guidance import NoisyClipGuidance, score
+    from clipdiff.diffusion.schedule import sampling_scheduler
+
+    run_dir, cfg, _, objects, _ = noisy_run
+    module: NoisyClipModule = objects["model"].eval()
+    model = load_noisy_clip(run_dir / "export.pt")
+    ids = torch.tensor([model.vocabulary.index(c) for c in ("a red car", "a blue car", "a white car")])
+    cond = NoisyClipGuidance().cond_fn(model, ids, [], sampling_scheduler(cfg.diffusion, "ddim"))
+    x_t, t = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5)), 300
+    with torch.no_grad():
+        raw = module(x_t, torch.full((3,), t))
+        read = cond.guide.logits(x_t, t)
+    torch.testing.assert_close(read, raw, atol=1e-5, rtol=1e-5)
+    with_prior = score(raw + train_prior(objects), ids, "classifier")
+    assert (score(read, ids, "classifier") - with_prior).abs().max() > 0.1
 
 
 def test_schedule_is_the_configured_one_in_module_and_export(noisy_run):

@@ -133,19 +133,19 @@ def test_sampler_presets_are_the_configs():
 def test_output_carries_the_guides_reading_and_per_step_statistics(unet):
     pipe = GuidedPipeline(unet, LINEAR, {"noisy_clip": tiny_noisy_clip()})
     job = pipe.prepare("a red car", guidance=NoisyClipGuidance(scale=5.0, window=[0.0, 1.0], every=2),
-                       num_samples=3, sampler="ddim", steps=6, batch_size=2, seed=1)
+                       num_samples=3, sampler="ddim", steps=5, batch_size=2, seed=1)
     out = pipe.draw(job)
     assert out.images.shape == (3, 3, SIZE, SIZE) and 0 <= out.images.min() and out.images.max() <= 1
     assert out.guide_logits.shape == (3, len(VOCAB)) and out.targets.tolist() == [VOCAB.index("a red car")] * 3
     assert out.guide_correct().shape == (3,)
-    assert [s["step"] for s in out.steps] == [0, 2, 4] * 2  # two batches, every second of six steps
+    assert [s["step"] for s in out.steps] == [0, 2, 4] * 2  # two batches, every second of five steps
     assert all(s["grad_rms"] > 0 and s["eps_shift_rms"] > 0 for s in out.steps) and out.guided_steps == 6
-    assert out.settings["guidance"]["name"] == "noisy_clip" and out.settings["sampler"]["steps"] == 6
+    assert out.settings["guidance"]["name"] == "noisy_clip" and out.settings["sampler"]["steps"] == 5
     pil = out.pil()
     assert len(pil) == 3 and pil[0].size == (SIZE, SIZE)
     again = pipe.draw(job)
     assert torch.equal(again.images, out.images) and again.steps == out.steps  # drawn again: the same
-    plain = pipe(num_samples=3, sampler="ddim", steps=6, batch_size=2, seed=1)
+    plain = pipe(num_samples=3, sampler="ddim", steps=5, batch_size=2, seed=1)
     assert plain.guide_logits is None and plain.steps == [] and not torch.equal(plain.images, out.images)
 
 

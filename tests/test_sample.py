@@ -48,7 +48,7 @@ def cli_runs(tiny_export, tmp_path_factory) -> dict:
     of the good run, which must land in a new run directory."""
     tmp = tmp_path_factory.mktemp("sample_cli")
     wrong = save_export(tmp / "clip_export.pt", "clip", config={}, state_dict={})
-    args = (f"ddpm_ckpt={tiny_export}", "guidance=none", "sampler=ddim", "sampler.steps=3", "num_samples=5",
+    args = (f"ddpm_ckpt={tiny_export}", "guidance=none", "sampler=ddim", "sampler.steps=4", "num_samples=5",
             "batch_size=2", "seed=0")
     (tmp / "good").mkdir()
     (tmp / "bad").mkdir()

@@ -27,9 +27,9 @@ sample gets the gradient of its own score):
   appended to the guide's captions with a warning, so the classifier form scores it against the vocabulary and
   the dot form uses it alone. The clean CLIP always has a text tower; a noisy CLIP needs one (``encode_text`` or
   ``clip.encode_text``), else such a prompt is an error. ``free_text: error`` makes it an error for both.
-- **x0 clamp** (``clip_x0``; null = auto: on when the sampler clamps x0_hat, i.e. ``clip_sample``): on guided steps
-  the eps is replaced by the eps whose x0_hat is the guided x0_hat clamped to [-1, 1], so the sampler's clamp
-  cannot turn the update against the guidance (see :meth:`GuidedEps.consistent`).
+- **x0 clamp**: the sampler steps every method, guided or not, with the eps consistent with its clamped x0_hat
+  (:func:`clipdiff.diffusion.sampling.step_options`), so the clamp cannot turn the update against the guidance and a
+  scale → 0 gives the unguided samples.
 - **when**: the step ``i`` of ``n`` (0 = noisiest) is guided iff ``start ≤ i/n < stop`` (``window``) and
   ``(i − first) % every == 0``; with ``reuse_grad`` the skipped steps of the window reuse the last gradient.
 """
@@ -145,12 +145,8 @@ class GuidedEps:
 
     def __init__(self, guide: nn.Module, targets: torch.Tensor, alphas_cumprod: torch.Tensor, scale: float,
                  form: str = "classifier", mode: str = "eps", window: Sequence[float] = (0.0, 1.0), every: int = 1,
-                 reuse_grad: bool = False, grad_clip: float | None = None, scheduler: Any = None,
-                 clip_x0: bool | None = None):
+                 reuse_grad: bool = False, grad_clip: float | None = None, scheduler: Any = None):
         self.guide, self.targets, self.scale = guide, targets.long(), float(scale)
-        if clip_x0 is None:  # auto: exactly when the sampler clamps x0_hat itself
-            clip_x0 = bool(getattr(getattr(scheduler, "config", {}), "get", lambda *_: False)("clip_sample", False))
-        self.clip_x0 = bool(clip_x0)
         self.form, self.mode, self.every, self.reuse_grad, self.grad_clip = form, mode, int(every), bool(reuse_grad), grad_clip
         self.window = (float(window[0]), float(window[1]))
         self.abar = alphas_cumprod.float().cpu()
@@ -233,20 +229,7 @@ class GuidedEps:
         shift = self.coefficient(t, eps) * g.to(eps.dtype)
         if fresh:
             self.record(t, g, shift)
-        eps = eps - shift
-        return self.consistent(x_t, t, eps) if self.clip_x0 else eps
-
-    def consistent(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
-        """The eps whose x0_hat is the guided x0_hat clamped to [-1, 1] (DDIM's ``use_clipped_model_output``).
-
-        A scheduler that clamps x0_hat (``clip_sample``) but steps with the unclamped eps keeps, in the saturated
-        pixels, only the eps term of the guided update, and that term moves x_{t-1} against the guidance; near
-        t = T (ā_t → 0) eps guidance saturates x0_hat almost everywhere, and the guidance turns round."""
-        abar = self.abar[int(t)].to(x_t.device, torch.float32)
-        x0 = predict_x0(x_t.float(), eps.float(), int(t), self.abar.to(x_t.device)).clamp(-1, 1)
-        return ((x_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()).to(eps.dtype)
-
-
+        return eps - shift
 
 
 # -- settings: what conf/guidance/<kind>.yaml instantiates ---------------------------------------------------------
@@ -264,7 +247,6 @@ class Guidance:
     reuse_grad: bool = False
     grad_clip: float | None = None
     free_text: str = "warn"
-    clip_x0: bool | None = None
 
     def check(self, prefix: str = "guidance", scheduler: Any = None) -> Guidance:
         """One ClipdiffError line naming ``<prefix>.<key>`` and the allowed values for the first bad option."""
@@ -298,7 +280,7 @@ class Guidance:
         followed by the ``extra`` free-text prompts) on the sampler ``scheduler``."""
         guide = self.guide(model, list(extra), scheduler, unet)
         return GuidedEps(guide, targets, scheduler.alphas_cumprod, self.scale, self.form, self.mode, tuple(self.window),
-                         self.every, self.reuse_grad, self.grad_clip, scheduler, self.clip_x0)
+                         self.every, self.reuse_grad, self.grad_clip, scheduler)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from clipdiff.diffusion.schedule import from_eps, sampling_scheduler, to_eps
+from clipdiff.diffusion.schedule import eps_change_as_output, sampling_scheduler, to_eps
 from clipdiff.errors import ClipdiffError
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,12 @@ class Sampler:
             raise ClipdiffError(f"{prefix}.eta={self.eta} must be ≥ 0")
         return self
 
-    def scheduler(self, schedule: Mapping[str, Any]):
-        """A fresh diffusers scheduler with the training betas of ``schedule`` (the DDPM's)."""
-        return sampling_scheduler(schedule, self.name, **self.options)
+    def scheduler(self, schedule: Mapping[str, Any], prefix: str = "sampler"):
+        """A fresh diffusers scheduler with the training betas of ``schedule`` (the DDPM's); a step count whose
+        steps would land between the timesteps the model is called at is refused (:func:`check_timesteps`)."""
+        scheduler = sampling_scheduler(schedule, self.name, **self.options)
+        check_timesteps(scheduler, self.steps, prefix)
+        return scheduler
 
     def replace(self, **changes: Any) -> Sampler:
         kw = {"name": self.name, "steps": self.steps, "eta": self.eta, **self.options}
@@ -72,6 +75,39 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"Sampler({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
+
+def check_timesteps(scheduler, steps: int, prefix: str = "sampler") -> list[int]:
+    """The timesteps of ``steps`` sampling steps; refused (one line naming ``<prefix>.steps``) unless each step
+    moves x_t exactly to the timestep the model is called at next.
+
+    diffusers' DDIM (and DDPM without custom timesteps) steps from t to ``t - T // steps``, but ``trailing`` and
+    ``linspace`` spacing place the timesteps ``T / steps`` apart: when ``steps`` does not divide T the step lands
+    on another noise level than the next model call assumes (e.g. T=1000, 30 steps: a step to 933, a call at 932).
+    """
+    scheduler.set_timesteps(steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    n = int(scheduler.config.num_train_timesteps)
+    if isinstance(scheduler, DDIMScheduler):  # DDIMScheduler.step's own rule
+        prev = [t - n // scheduler.num_inference_steps for t in ts]
+    else:
+        prev = [int(scheduler.previous_timestep(t)) for t in ts]
+    for i in range(len(ts) - 1):
+        if prev[i] != ts[i + 1]:
+            spacing = scheduler.config.timestep_spacing
+            raise ClipdiffError(
+                f"{prefix}.steps={steps} with timestep_spacing={spacing}: a step from t={ts[i]} lands on t={prev[i]} "
+                f"but the model is next called at t={ts[i + 1]}; choose {prefix}.steps that divides {n} "
+                f"or {prefix}.timestep_spacing=leading")
+    return ts
+
+
+def step_options(scheduler, eta: float) -> dict[str, Any]:
+    """The keyword arguments of ``scheduler.step`` for every method, guided or not: DDIM's ``eta``, and DDIM steps
+    with the eps consistent with its clamped x0_hat (``use_clipped_model_output``; a no-op without ``clip_sample``),
+    so a guided step with scale → 0 is the unguided step (the clamp cannot turn eps guidance round: a clamped pixel
+    would otherwise keep only the eps term of the guided update, which points against the guidance)."""
+    return {"eta": eta, "use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
 
 
 @torch.no_grad()
@@ -101,9 +137,8 @@ def sample(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     pred_type = scheduler.config.prediction_type
     abar = scheduler.alphas_cumprod
-    step_kw = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    scheduler.set_timesteps(steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
+    step_kw = step_options(scheduler, eta)
+    timesteps = check_timesteps(scheduler, steps)
     noise = torch.randn((num_samples, channels, size, size), generator=generator)
     out = []
     for start in range(0, num_samples, batch_size):
@@ -113,8 +148,8 @@ def sample(
                       leave=False):
             model_out = unet(x, t).sample
             if cond_fn is not None:
-                eps = cond_fn(x, t, to_eps(model_out, x, t, abar, pred_type), index)
-                model_out = from_eps(eps, x, t, abar, pred_type)
+                eps = to_eps(model_out, x, t, abar, pred_type)
+                model_out = model_out + eps_change_as_output(cond_fn(x, t, eps, index) - eps, t, abar, pred_type)
             x = scheduler.step(model_out, t, x, generator=generator, **step_kw).prev_sample
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)

@@ -58,7 +58,10 @@ def sampling_scheduler(schedule: Mapping[str, Any], sampler: str = "ddim", **ove
     bad = sorted(set(overrides) & set(NOISE_KEYS))
     if bad:
         raise ClipdiffError(f"sampler settings may not change the noise schedule ({', '.join(bad)})")
-    return SAMPLERS[sampler].from_config(train_scheduler(schedule).config, **overrides)
+    scheduler = SAMPLERS[sampler].from_config(train_scheduler(schedule).config, **overrides)
+    if sampler == "ddim":  # DDIM's step takes sqrt(1 - ā_prev - σ²), 0 up to rounding on a step from ā_T ≈ 0 at eta 1:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()  # float32 rounds it below 0 (NaN images)
+    return scheduler
 
 
 def _normalised(schedule: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,6 +109,16 @@ def from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor, alphas
         return eps
     abar = _abar(alphas_cumprod, t, x_t)
     return (eps - (1 - abar).sqrt() * x_t) / abar.sqrt()
+
+
+def eps_change_as_output(delta: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor,
+                         prediction_type: str) -> torch.Tensor:
+    """A change of the predicted noise as the same change of the model's output (the linear part of
+    :func:`from_eps`: dv = d eps / sqrt(abar)). Adding it to the output, rather than converting eps back, keeps an
+    unchanged eps bit for bit the model's output (at high noise the round trip loses the output's low bits)."""
+    if prediction_type == "epsilon":
+        return delta
+    return delta / _abar(alphas_cumprod, t, delta).sqrt()
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

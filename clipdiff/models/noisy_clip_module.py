@@ -46,7 +46,7 @@ from clipdiff.models.metrics.noisy import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOSS = {"contrastive": 1.0, "caption_ce": 1.0, "label_aware": True, "logit_adjust": 0.0}
+DEFAULT_LOSS = {"contrastive": 1.0, "caption_ce": 1.0, "label_aware": True, "logit_adjust": 1.0}
 
 
 def initial_clip(vocabulary: list[str], init_from: str | None, model_name: str, image_size: int | None) -> ClipClassifier:

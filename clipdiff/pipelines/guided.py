@@ -146,7 +146,7 @@ class GuidedPipeline:
     # -- a call -----------------------------------------------------------------------------------------------
     def prepare(self, prompts: str | Sequence[str] | None = None, *, method: str | None = None,
                 guidance: Guidance | None = None, scale: float | None = None, num_samples: int | None = None,
-                sampler: Sampler | str = "ddim", steps: int | None = None, seed: int = 0, batch_size: int = 64,
+                sampler: Sampler | str = "ddim_stochastic", steps: int | None = None, seed: int = 0, batch_size: int = 64,
                 prefix: str = "guidance") -> Prepared:
         """Check every option and prompt and build the cond_fn; ``prefix`` is the config path named in errors."""
         method = method or (guidance.kind if guidance is not None else "none")
@@ -155,7 +155,7 @@ class GuidedPipeline:
         if guidance is not None and guidance.kind != method:
             raise ClipdiffError(f"method={method!r} but the guidance settings are for {guidance.kind!r}")
         sampler = (Sampler.preset(sampler) if isinstance(sampler, str) else sampler).replace(steps=steps).check()
-        scheduler = sampler.scheduler(self.schedule)
+        scheduler = sampler.scheduler(self.schedule, "sampler")
         per_sample = prompt_text.per_sample(prompts, num_samples)
         n = len(per_sample) if per_sample is not None else num_samples
         if n is None or int(n) < 1 or int(batch_size) < 1:
@@ -196,5 +196,6 @@ class GuidedPipeline:
     def __call__(self, prompts: str | Sequence[str] | None = None, *, progress: bool = False, score: bool = True,
                  **options: Any) -> GuidedOutput:
         """``prepare(prompts, **options)`` then ``draw``: e.g. ``pipe("a red car", method="noisy_clip", scale=100,
-        num_samples=4, sampler="ddim", steps=50, seed=0)``."""
+        num_samples=4, sampler="ddim_stochastic", steps=50, seed=0)``; ``sampler`` defaults to ``ddim_stochastic``
+        (DDIM, eta 1), the sampler of ``clipdiff.sample`` and ``clipdiff.evaluate``."""
         return self.draw(self.prepare(prompts, **options), progress=progress, score=score)

@@ -1,0 +1,150 @@
+"""``clipdiff.evaluate``'s numbers against answers known in the test: a judge whose decisions are a function of the
+image that the test controls, the guide's own argmax, and FD against the closed-form Fréchet distance."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from conftest import compose_config, write_srn
+from tiny_guides import SIZE, VOCAB, clip_export, ddpm_export, noisy_clip_export
+
+from clipdiff import evaluate
+from clipdiff.eval.fid import fd_kid, random_features
+from clipdiff.models.components.judge import Judge
+
+CAPTIONS = ["a red car", "a green jeep/bus"]
+N = 4
+
+
+def judged(x01: torch.Tensor) -> torch.Tensor:
+    """The rigged judge's decision: a caption id that is a fixed, varied function of the image's mean."""
+    return (x01.float().mean((1, 2, 3)) * 997).floor().long() % len(VOCAB)
+
+
+class RiggedJudge(Judge):
+    """The project's Judge (``predict``, ``correct``) with logits the test controls."""
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(judged(x01), len(VOCAB)).float()
+
+
+def parts(caption: str) -> tuple[str, str]:
+    """(colour words, body type) of a caption, read independently of the project's Vocabulary."""
+    words = caption.split()[1:]
+    return " ".join(words[:-1]), words[-1]
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The closed-form Fréchet distance between Gaussians fitted to two feature sets (rows: samples)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.fixture(scope="module")
+def rigged(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("judged")
+    root = write_srn(tmp / "flat", {
+        "cars_train": {"a1": "a red car", "a2": "a red car", "a3": "a green jeep/bus", "a4": "a green jeep/bus",
+                       "a5": "a white car"},
+        "cars_val": {"b1": "a red car"},
+        "cars_test": {"c1": "a red car"},
+    }, views=3)
+    mp = pytest.MonkeyPatch()
+    judge = RiggedJudge(len(VOCAB), image_size=SIZE, widths=[4], blocks=[1]).eval()
+    judge.vocabulary = list(VOCAB)
+    mp.setattr(evaluate, "load_judge", lambda path, key: judge)
+    drawn, fds = [], []
+    draw = evaluate.GuidedPipeline.draw
+
+    def spy_draw(self, job, **kw):
+        out = draw(self, job, **kw)
+        drawn.append((job, out))
+        return out
+
+    def spy_fd(fake, real, space, **kw):
+        result = fd_kid(fake, real, space, **kw)
+        fds.append((fake, real, space, result))
+        return result
+
+    mp.setattr(evaluate.GuidedPipeline, "draw", spy_draw)
+    mp.setattr(evaluate, "fd_kid", spy_fd)
+    cfg = compose_config("evaluate", [
+        f"ddpm_ckpt={ddpm_export(tmp / 'ddpm.pt')}", f"clip_ckpt={clip_export(tmp / 'clip.pt')}",
+        f"noisy_clip_ckpt={noisy_clip_export(tmp / 'noisy.pt')}", "judge_ckpt=rigged", f"data.root={root}",
+        "data.cache=false", "sampler.steps=4", f"num_per_caption={N}", "progress=false", "bootstrap=50",
+        "judge_split=null", "wandb.enabled=false", "methods=[none,noisy_clip]", "scales=[5.0]",
+        f"captions={CAPTIONS}".replace("'", '"'), f"paths.run_dir={tmp / 'run'}"])
+    try:
+        result = evaluate.run(cfg)
+    finally:
+        mp.undo()
+    return result, drawn[1:], fds  # drawn[0]: the timing warm-up
+
+
+def rows_of(path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_accuracy_columns_are_the_judges_known_answers(rigged):
+    result, drawn, _ = rigged
+    targets = [c for c in CAPTIONS for _ in range(N)]
+    rows, summary = rows_of(result["run_dir"] / "results.csv"), rows_of(result["run_dir"] / "summary.csv")
+    assert [(job.method, r["method"]) for (job, _), r in zip(drawn, summary)] == [("none", "none"),
+                                                                                ("noisy_clip", "noisy_clip")]
+    seen = set()
+    for job, out in drawn:
+        said = [VOCAB[i] for i in judged(out.images).tolist()]
+        hits = {"caption": [s == t for s, t in zip(said, targets)],
+                "colour": [parts(s)[0] == parts(t)[0] for s, t in zip(said, targets)],
+                "type": [parts(s)[1] == parts(t)[1] for s, t in zip(said, targets)]}
+        seen |= {tuple(h) for h in hits.values()}
+        for k, caption in enumerate(CAPTIONS):
+            row = next(r for r in rows if r["method"] == job.method and r["caption"] == caption)
+            for part, h in hits.items():
+                assert float(row[f"acc_{part}"]) == pytest.approx(np.mean(h[k * N:(k + 1) * N])), (job.method, part)
+        pooled = next(r for r in summary if r["method"] == job.method)
+        for part, h in hits.items():
+            assert float(pooled[f"acc_{part}"]) == pytest.approx(np.mean(h)), (job.method, part)
+    assert len(seen) > 2  # the rigged answers are not all alike: the columns had something to get wrong
+
+
+def test_guide_acc_is_the_guides_own_argmax(rigged):
+    result, drawn, _ = rigged
+    rows = rows_of(result["run_dir"] / "results.csv")
+    _, (job, guided) = drawn
+    assert all(r["guide_acc"] == "" for r in rows if r["method"] == "none")  # no guide: NaN, written empty
+    model = job.cond.guide.model  # the noisy CLIP, reading finished samples at t = 0
+    with torch.no_grad():
+        own = model.logits(guided.images * 2 - 1, torch.zeros(len(guided.images), dtype=torch.long)).argmax(1)
+    ids = torch.tensor([model.vocabulary.index(c) for c in CAPTIONS for _ in range(N)])
+    for k, caption in enumerate(CAPTIONS):
+        row = next(r for r in rows if r["method"] == "noisy_clip" and r["caption"] == caption)
+        assert float(row["guide_acc"]) == pytest.approx((own == ids)[k * N:(k + 1) * N].float().mean().item())
+
+
+def test_fd_column_is_the_closed_form_frechet_distance_of_the_features(rigged):
+    result, _, fds = rigged
+    rows = rows_of(result["run_dir"] / "results.csv")
+    per_caption = [f for f in fds if len(f[0]) == N]
+    assert len(per_caption) == len(rows) == 4
+    for (fake, real, space, res), row in zip(per_caption, rows):
+        expected = frechet(space(fake).double().numpy(), space(real).double().numpy())
+        assert res["fd"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        assert float(row["fd"]) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_fd_of_a_set_with_itself_is_zero_and_matches_the_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(40, 3, 16, 16, generator=gen), torch.rand(40, 3, 16, 16, generator=gen) * 0.5
+    space = random_features(dim=8)
+    assert fd_kid(a, a, space)["fd"] == pytest.approx(0.0, abs=1e-6)
+    expected = frechet(space(a).double().numpy(), space(b).double().numpy())
+    assert expected > 0.01 and fd_kid(a, b, space)["fd"] == pytest.approx(expected, rel=1e-4)
