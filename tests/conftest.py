@@ -19,6 +19,15 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
+# a DDPM small enough to train a few steps in a subprocess in seconds (resume, stop and bad-input tests)
+TINY_DDPM = [
+    "model=ddpm", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=6", "data.cache=false",
+    "data.progress=false", "model.unet.block_out_channels=[8,16]",
+    "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]", "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]",
+    "model.unet.norm_num_groups=4", "model.sample_every_n_epochs=null", "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
 COLOURS = {"red": (200, 30, 30), "blue": (30, 40, 200), "white": (235, 235, 235), "green": (30, 170, 40)}
 
 

@@ -11,17 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_srn
+from conftest import TINY_DDPM, write_srn
 
 TESTS = Path(__file__).resolve().parent
-
-TINY_DDPM = [
-    "model=ddpm", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=6", "data.cache=false",
-    "data.progress=false", "model.unet.block_out_channels=[8,16]",
-    "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]", "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]",
-    "model.unet.norm_num_groups=4", "model.sample_every_n_epochs=null", "trainer.enable_progress_bar=false",
-    "logger=csv",
-]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, write_srn
+from conftest import TINY_DDPM, compose_config, write_srn
 
 from clipdiff.errors import ClipdiffError
 from clipdiff.train import resolve_ckpt_path, train
@@ -23,11 +23,8 @@ TESTS = Path(__file__).resolve().parent
 
 # 6 objects × 3 views = 18 images, batch 4 → 4 steps per epoch, 2 epochs; step checkpoints at steps 3 and 6
 RUN = [
-    "model=ddpm", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=6", "data.cache=false",
-    "data.progress=false", "model.unet.block_out_channels=[8,16]",
-    "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]", "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]",
-    "model.unet.norm_num_groups=4", "model.sample_every_n_epochs=null", "model.ema_decay=0.9",
-    "model.scheduler.num_warmup_steps=2", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv",
+    *TINY_DDPM, "model.ema_decay=0.9",
+    "model.scheduler.num_warmup_steps=2", "trainer.max_epochs=2",
     "callbacks.step_checkpoint.every_n_train_steps=3",
     # the monitored metric never improves after epoch 0: last.ckpt must still be written at every epoch's end
     "model.monitor.metric=epoch", "model.monitor.mode=min",
