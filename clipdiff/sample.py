@@ -16,9 +16,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clipdiff.diffusion.sampling import save_samples
 from clipdiff.errors import ClipdiffError
-from clipdiff.pipelines.guided import GuidedPipeline
 from clipdiff.utils.checks import count
 from clipdiff.utils.cli import hydra_entry
 from clipdiff.utils.io import atomic_open
@@ -27,6 +25,10 @@ log = logging.getLogger("clipdiff.sample")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    # torch and the models load here, not at import: `--help` and `--cfg job` answer at once
+    from clipdiff.diffusion.sampling import save_samples
+    from clipdiff.pipelines.guided import GuidedPipeline
+
     out_dir = Path(cfg.paths.run_dir)
     if (out_dir / "grid.png").exists():
         raise ClipdiffError(f"{out_dir} already holds samples; sampling writes into a new run directory")

@@ -11,6 +11,7 @@ fails the test, so the README cannot drift from the code again.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -189,10 +190,16 @@ def test_optuna_search_runs_as_written(world):
 
 
 def test_sample_and_evaluate_sweeps_run_as_written(world):
+    sweeps_made = {}
     for module, marker, task, jobs in (("clipdiff.sample", "guidance.scale=", "sample", 5),
                                        ("clipdiff.evaluate", "scales=", "evaluate", 4)):
-        sweep = run_sweep(world, module, marker, task)
-        assert sorted(int(p.name) for p in sweep.iterdir() if p.name.isdigit()) == list(range(jobs)), module
+        sweeps_made[task] = run_sweep(world, module, marker, task)
+        found = sorted(int(p.name) for p in sweeps_made[task].iterdir() if p.name.isdigit())
+        assert found == list(range(jobs)), module
+    # each sample job ran with its own scale, and the scale reached the sampler (the images differ)
+    jobs = [sweeps_made["sample"] / str(n) for n in range(5)]
+    assert [json.loads((j / "sample.json").read_text())["guidance"]["scale"] for j in jobs] == [0, 1, 2, 4, 8]
+    assert (jobs[0] / "samples" / "000000.png").read_bytes() != (jobs[-1] / "samples" / "000000.png").read_bytes()
 
 
 def test_slurm_launch_composes(world):
