@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the main job end to end on the built-in procedural car set
 	$(BIN)/python -m clipdiff.pipeline $(ARGS)
 
-test: $(STAMP)  ## the whole test suite (CPU, ~10 minutes on 2 cores)
+test: $(STAMP)  ## the whole test suite (CPU, ~10 minutes on 2 cores: 252 tests in 616 s on a fresh clone, 2026-12-01)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)  ## skip the tests marked slow
