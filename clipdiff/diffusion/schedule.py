@@ -102,19 +102,10 @@ def to_eps(model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor,
     return abar.sqrt() * model_output + (1 - abar).sqrt() * x_t
 
 
-def from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor,
-             prediction_type: str) -> torch.Tensor:
-    """Inverse of :func:`to_eps`: predicted noise → the model's output type."""
-    if prediction_type == "epsilon":
-        return eps
-    abar = _abar(alphas_cumprod, t, x_t)
-    return (eps - (1 - abar).sqrt() * x_t) / abar.sqrt()
-
-
 def eps_change_as_output(delta: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor,
                          prediction_type: str) -> torch.Tensor:
-    """A change of the predicted noise as the same change of the model's output (the linear part of
-    :func:`from_eps`: dv = d eps / sqrt(abar)). Adding it to the output, rather than converting eps back, keeps an
+    """A change of the predicted noise as the same change of the model's output (v = (eps − sqrt(1−abar)·x_t) /
+    sqrt(abar) is linear in eps: dv = d eps / sqrt(abar)). Adding it to the output, rather than converting eps back, keeps an
     unchanged eps bit for bit the model's output (at high noise the round trip loses the output's low bits)."""
     if prediction_type == "epsilon":
         return delta
