@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.cli import hydra_entry, run_dir
 from clipdiff.utils.io import atomic_open
-from clipdiff.utils.procs import LoggedProcess, stop_requests
+from clipdiff.utils.procs import LoggedProcess, stop_requests, terminate_all
 
 log = logging.getLogger("clipdiff.pipeline")
 
@@ -219,16 +218,8 @@ def stop_stages(running: dict[str, Stage], signum: int, records: dict) -> None:
     name = signal.Signals(signum).name
     for st in running.values():
         log.warning("[%s] stopping (SIGTERM): the pipeline got %s", st.name, name)
-        st.process.send_signal(signal.SIGTERM)
     saved = []
-    for st in running.values():
-        try:
-            code = st.process.proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            log.warning("[%s] did not stop within 300 s: killed", st.name)
-            st.process.proc.kill()
-            code = st.process.proc.wait()
-        st.process.poll()
+    for st, code in zip(running.values(), terminate_all([st.process for st in running.values()]), strict=True):
         if code == 0:
             records[st.name] = st.finish()
         elif (st.dir / "checkpoints" / "last.ckpt").is_file():
@@ -276,7 +267,7 @@ def _run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready, stop
             if code != 0:
                 for other in running.values():
                     log.info("[%s] stopping (SIGTERM): stage '%s' failed", other.name, name)
-                    other.process.terminate()
+                terminate_all([other.process for other in running.values()])
                 raise ClipdiffError(f"stage '{name}' failed (exit {code}; its log: {workdir / (name + '.log')}); "
                                     f"rerun the pipeline to continue, or run: {st.shown}")
             records[name] = st.finish()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # Lightning, torch and the models are imported where they are used, so that `--help` and `--cfg job` answer at once.
 log = logging.getLogger("clipdiff.train")
 
+
 def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
     """Instantiate the model group; modules that take ``vocabulary`` get the DataModule's captions."""
     from hydra.errors import InstantiationException

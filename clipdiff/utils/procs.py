@@ -70,15 +70,23 @@ class LoggedProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
 
-    def terminate(self) -> None:
-        """SIGTERM (a training stage writes last.ckpt before it exits), then wait for it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    def wait(self, timeout: float = 300) -> int:
+        """Wait for the process to end, killing it after ``timeout`` s; its exit code."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.poll()
+        return self.proc.returncode
+
+
+def terminate_all(processes: list[LoggedProcess], timeout: float = 300) -> list[int]:
+    """SIGTERM to every process at once (a training stage writes last.ckpt before it exits), then wait for each
+    (killed after ``timeout`` s); their exit codes, in order."""
+    for p in processes:
+        p.send_signal(signal.SIGTERM)
+    return [p.wait(timeout) for p in processes]
 
 
 @contextlib.contextmanager
