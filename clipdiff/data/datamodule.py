@@ -6,6 +6,8 @@ A batch is a dict::
     caption  int64 [B]  caption id in :attr:`CarsDataModule.vocab`
     object   int64 [B]  object index within the split
     view     int64 [B]  view index within the object's (selected) views
+    pose     float32 [B, 3]  unit camera direction (:mod:`clipdiff.data.poses`): only when poses are requested
+                     (``data.poses=true``, or a model calling :meth:`CarsDataModule.request_poses` in its ``setup``)
 
 The loaders hand out uint8 (a quarter of the bytes to gather, pin and copy to a GPU);
 :meth:`CarsDataModule.on_after_batch_transfer` makes the images float on the device, so every model's step sees
@@ -28,6 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from clipdiff.data.cache import PackedImages
 from clipdiff.data.captions import load_split_labels
+from clipdiff.data.poses import camera_directions, load_matrices
 from clipdiff.data.resumable import ResumableLoader
 from clipdiff.data.sampler import DistinctCaptionBatchSampler
 from clipdiff.data.srn import SrnObject, check_root, load_image, scan_split
@@ -78,13 +81,21 @@ class CarsImages(Dataset):
             keep = np.flatnonzero(self.packed.valid)
         self.rows = keep
         self.caption_ids = self.object_caption[index.object_index[keep]]
+        self.poses: np.ndarray | None = None  # float32 [N paths, 3] unit camera directions, once loaded
+
+    def load_poses(self, cache_dir: str | Path | None) -> None:
+        """Read the camera poses of every view once (cached beside the images when ``cache_dir`` is given);
+        from then on every item carries ``pose``. A missing or corrupt pose file is one ClipdiffError naming it."""
+        if self.poses is None:
+            matrices = load_matrices(self.index.paths, cache_dir, self.index.name)
+            self.poses = camera_directions(matrices).numpy()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.__getitems__([i])
-        return {"image": item["image"][0], **{k: int(v[0]) for k, v in item.items() if k != "image"}}
+        return {k: v[0] if k in ("image", "pose") else int(v[0]) for k, v in item.items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """A whole batch at once (the DataLoader calls this): uint8 CHW images, one gather from the memmap."""
@@ -94,12 +105,15 @@ class CarsImages(Dataset):
             arr = self.packed.images[rows]
         else:
             arr = np.stack([load_image(self.index.paths[r], self.image_size).transpose(2, 0, 1) for r in rows])
-        return {
+        batch = {
             "image": torch.from_numpy(arr),
             "caption": torch.from_numpy(self.caption_ids[idx]),
             "object": torch.from_numpy(self.index.object_index[rows]),
             "view": torch.from_numpy(self.index.view_index[rows]),
         }
+        if self.poses is not None:
+            batch["pose"] = torch.from_numpy(self.poses[rows])
+        return batch
 
     def float_images(self, indices) -> torch.Tensor:
         """Images at ``indices`` as float32 [N, 3, H, W] in [0, 1] (for code that reads the dataset directly)."""
@@ -129,6 +143,7 @@ class CarsDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         progress: bool = True,
+        poses: bool = False,
     ):
         super().__init__()
         for key, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
@@ -148,6 +163,18 @@ class CarsDataModule(L.LightningDataModule):
         self.vocab: Vocabulary | None = None
         self.indices: dict[str, SplitIndex] = {}
         self.datasets: dict[str, CarsImages] = {}
+        self.poses = bool(poses)
+
+    def request_poses(self) -> None:
+        """From now on every batch of every split carries ``pose`` (a model that needs camera poses calls this in its
+        ``setup``; other models' batches stay as they are). Datasets already built read their poses now."""
+        self.poses = True
+        for ds in self.datasets.values():
+            ds.load_poses(self._cache_dir())
+
+    def _cache_dir(self) -> str | None:
+        hp = self.hparams
+        return (hp.cache_dir or str(Path(hp.root) / ".cache")) if hp.cache else None
 
     # -- indexing ----------------------------------------------------------------------------------------------
     def index(self) -> dict[str, SplitIndex]:
@@ -172,8 +199,10 @@ class CarsDataModule(L.LightningDataModule):
             if stage not in idx:
                 raise ClipdiffError(f"data.splits has no '{stage}' split (have: {', '.join(idx)})")
             hp = self.hparams
-            cache_dir = (hp.cache_dir or str(Path(hp.root) / ".cache")) if hp.cache else None
-            self.datasets[stage] = CarsImages(idx[stage], self.vocab, hp.image_size, cache_dir, progress=hp.progress)
+            ds = CarsImages(idx[stage], self.vocab, hp.image_size, self._cache_dir(), progress=hp.progress)
+            if self.poses:
+                ds.load_poses(self._cache_dir())
+            self.datasets[stage] = ds
         return self.datasets[stage]
 
     def prepare_data(self) -> None:

@@ -2,7 +2,7 @@
 
 An export is a dict saved with ``torch.save``::
 
-    {"format": "clipdiff-export", "version": 1, "kind": "clip" | "noisy_clip" | "ddpm" | "judge",
+    {"format": "clipdiff-export", "version": 1, "kind": "clip" | "noisy_clip" | "ddpm" | "judge" | "realism",
      ...kind-specific entries (config, state_dict, vocabulary, schedule, image_size)...}
 
 ``load_export(path, kind)`` turns every way of getting this wrong (missing file, a Lightning checkpoint,
@@ -21,7 +21,7 @@ from clipdiff.utils.io import atomic_torch_save
 
 FORMAT = "clipdiff-export"
 VERSION = 1
-KINDS = ("clip", "noisy_clip", "ddpm", "judge")
+KINDS = ("clip", "noisy_clip", "ddpm", "judge", "realism")
 
 
 def save_export(path: str | Path, kind: str, **payload: Any) -> Path:
