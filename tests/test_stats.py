@@ -56,7 +56,7 @@ def test_exact_coverage_is_close_to_nominal(interval, true_p):
 
 
 def test_jeffreys_is_the_beta_posterior_and_close_to_wilson_at_large_n():
-    p, lo, hi = jeffreys(5, 10)
+    _, lo, hi = jeffreys(5, 10)
     # equal tails: 2.5% of Beta(5.5, 5.5) below lo and above hi
     assert sps.beta.cdf(lo, 5.5, 5.5) == pytest.approx(0.025) and sps.beta.sf(hi, 5.5, 5.5) == pytest.approx(0.025)
     assert jeffreys(500, 1000)[1:] == pytest.approx(wilson(500, 1000)[1:], abs=1e-3)
