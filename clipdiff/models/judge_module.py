@@ -7,7 +7,11 @@ current weights: a bank of type-net features of ``refusal.bank_size`` evenly spa
 threshold at the ``refusal.quantile`` of the car-render scores of the val split (real renders it does not train
 on). Checkpoints carry the rule (``judge_calibration``), so the exported best epoch has its own.
 
-Logged: ``train/loss`` (and ``train/loss_type``, ``train/loss_colour``), ``val/loss``, ``val/acc_caption`` (colour
+With ``outliers`` set, a share of each training batch is replaced by synthetic non-renders (tile-shuffled and
+half-and-half mixed renders, :mod:`~clipdiff.models.components.judge_outliers`) on which the type net is taught
+to be unsure (outlier exposure, Hendrycks et al., 2019), so their features move away from real renders'.
+
+Logged: ``train/loss`` (and ``train/loss_type``, ``train/loss_colour``, ``train/loss_outlier``), ``val/loss``, ``val/acc_caption`` (colour
 and type right, micro), ``val/acc_caption_macro`` (mean recall over the captions present), ``val/acc_colour``,
 ``val/acc_type``, ``val/threshold`` (the car-render threshold), and the same under ``test/`` with ``test/refused``
 (the share of held-out test renders the rule refuses; the accuracies are the raw ones). ``export(path)`` writes the
@@ -29,9 +33,11 @@ from torchmetrics.aggregation import CatMetric
 
 from clipdiff.errors import ClipdiffError
 from clipdiff.models.components.judge import Judge, JudgeAugment, part_accuracies
+from clipdiff.models.components.judge_outliers import KINDS, make_outliers, uniform_cross_entropy
 
 CLASS_WEIGHTING = ("none", "inverse_sqrt")
 REFUSAL = {"k": 5, "bank_size": 2048, "quantile": 0.05}
+OUTLIERS = {"share": 0.25, "weight": 0.5, "kinds": list(KINDS), "tiles": 4}
 CALIBRATION_KEY = "judge_calibration"
 
 
@@ -52,6 +58,7 @@ class JudgeModule(L.LightningModule):
         colour_net: dict[str, Any] | None = None,
         refusal: dict[str, Any] | None = None,
         augment: dict[str, Any] | None = None,
+        outliers: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         class_weighting: str = "none",
         vocabulary: list[str] | None = None,
@@ -69,6 +76,7 @@ class JudgeModule(L.LightningModule):
         self.refusal = {**REFUSAL, **(refusal or {})}
         if not 0.0 <= float(self.refusal["quantile"]) < 1.0 or int(self.refusal["bank_size"]) < 1:
             raise ClipdiffError(f"model.refusal={self.refusal}: quantile in [0, 1) and bank_size >= 1")
+        self.outliers = self._outlier_settings(outliers, image_size)
         self.save_hyperparameters(logger=False)
         self.vocabulary = list(vocabulary)
         self.net = Judge(self.vocabulary, image_size=image_size, type_net=type_net, colour_net=colour_net,
@@ -81,6 +89,22 @@ class JudgeModule(L.LightningModule):
         self.test_hits = CatMetric()
         self.test_scores = CatMetric()
         self.calibrated_step = -1
+
+    @staticmethod
+    def _outlier_settings(outliers: dict[str, Any] | None, image_size: int) -> dict[str, Any] | None:
+        if not outliers:
+            return None
+        unknown = set(outliers) - set(OUTLIERS)
+        if unknown:
+            raise ClipdiffError(f"model.outliers has unknown key(s) {sorted(unknown)}: use {', '.join(OUTLIERS)}")
+        out = {**OUTLIERS, **outliers}
+        bad_kinds = [k for k in out["kinds"] if k not in KINDS]
+        if bad_kinds or not out["kinds"] or not 0.0 < float(out["share"]) < 1.0 or float(out["weight"]) < 0:
+            raise ClipdiffError(f"model.outliers={out}: kinds from {', '.join(KINDS)}, share in (0, 1), weight >= 0 "
+                                "(model.outliers=null turns outlier exposure off)")
+        if "shuffle" in out["kinds"] and image_size % int(out["tiles"]):
+            raise ClipdiffError(f"model.outliers.tiles={out['tiles']} does not divide the {image_size} px images")
+        return out
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _datasets(self) -> dict:
@@ -126,12 +150,22 @@ class JudgeModule(L.LightningModule):
         x, y = batch["image"], batch["caption"]
         if self.augment is not None:
             x = self.augment(x)
-        type_logits, colour_logits, _ = self(x)
-        loss_type, loss_colour = self._losses(type_logits, colour_logits, y)
-        loss = loss_type + loss_colour
+        n_out = int(self.outliers["share"] * len(y)) if self.outliers else 0
+        if n_out == 0:
+            type_logits, colour_logits, _ = self(x)
+            loss_type, loss_colour = self._losses(type_logits, colour_logits, y)
+            loss_outlier = torch.zeros((), device=x.device)
+        else:  # the first n_out images (the batch is shuffled) become synthetic negatives for outlier exposure
+            negatives = make_outliers(x[:n_out], self.outliers["kinds"], int(self.outliers["tiles"]))
+            x, y = x[n_out:], y[n_out:]
+            all_type = self.net.type_net(torch.cat([x, negatives]))
+            loss_type, loss_colour = self._losses(all_type[: len(y)], self.net.colour_net(x), y)
+            loss_outlier = uniform_cross_entropy(all_type[len(y):])
+        weight = float(self.outliers["weight"]) if self.outliers else 0.0
+        loss = loss_type + loss_colour + weight * loss_outlier
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
-        self.log_dict({"train/loss_type": loss_type, "train/loss_colour": loss_colour}, on_step=True,
-                      on_epoch=False, batch_size=len(y))
+        self.log_dict({"train/loss_type": loss_type, "train/loss_colour": loss_colour,
+                       "train/loss_outlier": loss_outlier}, on_step=True, on_epoch=False, batch_size=len(y))
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, hits: CatMetric) -> torch.Tensor:
