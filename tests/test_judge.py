@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, write_srn
+from conftest import compose_config
 from PIL import Image
 
 from clipdiff.errors import ClipdiffError
@@ -42,8 +42,8 @@ def calibrated(judge: Judge, seed: int = 0) -> Judge:
     """An untrained judge with a refusal rule from random images (bank and held-out)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        bank = judge.type_net.features(torch.rand(32, 3, judge.image_size, judge.image_size, generator=gen))
-        heldout = judge.type_net.features(torch.rand(20, 3, judge.image_size, judge.image_size, generator=gen))
+        bank = judge.embed(torch.rand(32, 3, judge.image_size, judge.image_size, generator=gen))
+        heldout = judge.embed(torch.rand(20, 3, judge.image_size, judge.image_size, generator=gen))
     judge.calibrate(bank, heldout, quantile=0.1)
     return judge.eval()
 
@@ -101,6 +101,10 @@ def test_fast_run_exports_a_judge_that_round_trips(tmp_path: Path, flat_root: Pa
         assert torch.equal(got[key], expected[key]), key
     torch.testing.assert_close(got["score"], expected["score"])
     assert float(judge.threshold) == float(module.net.threshold) == metrics["val/threshold"]
+    # the rule is recomputed the same and leaves the random streams alone (the training draws what it would have)
+    trained, rng = objects["trainer"].lightning_module, torch.get_rng_state()
+    trained.calibrate()
+    assert torch.equal(torch.get_rng_state(), rng) and float(trained.net.threshold) == float(judge.threshold)
     # any input size is resized to the training size; a run directory works as well as the file
     big = torch.nn.functional.interpolate(x, size=64, mode="nearest")
     assert judge.predict(big)["score"].shape == (6,)
@@ -184,7 +188,7 @@ def test_threshold_is_the_stated_quantile_of_the_val_scores(tmp_path: Path, flat
     """Rigged score: an image's mean brightness. The held-out scores are those of the 6 val images (not train or
     test), and the threshold is their 0.5 quantile, so exactly the 3 darkest val images fall below it."""
     monkeypatch.setattr(judge_module.JudgeModule, "_features",
-                        lambda self, ds, idx, batch_size=256: ds.float_images(idx).mean(dim=(1, 2, 3))[:, None])
+                        lambda self, ds, idx, **kw: ds.float_images(idx).mean(dim=(1, 2, 3))[:, None])
     monkeypatch.setattr(judge_component, "knn_scores", lambda features, bank, k, chunk=1024: features[:, 0])
     run_train(flat_root, tmp_path / "run", ["trainer.max_steps=2", "model.refusal.quantile=0.5", *TINY_NET])
     judge = load_judge(tmp_path / "run")
@@ -282,12 +286,16 @@ def test_judge_rejects_bad_input_and_class_weighting(tmp_path: Path, flat_root: 
         run_train(flat_root, tmp_path / "run", ["trainer.max_steps=1", "model.class_weighting=inverse", *TINY_NET])
     with pytest.raises(ClipdiffError, match="model.refusal has unknown key"):
         run_train(flat_root, tmp_path / "run2", ["trainer.max_steps=1", "+model.refusal.quantil=0.1", *TINY_NET])
+    with pytest.raises(ClipdiffError, match=r"model.refusal.score_stages=\[2\]: type-net stages are 0..1"):
+        run_train(flat_root, tmp_path / "run3", ["trainer.max_steps=1", "model.refusal.score_stages=[2]", *TINY_NET])
 
 
-def test_inverse_sqrt_class_weights(tmp_path: Path, flat_root: Path):
+def test_inverse_sqrt_class_weights_and_a_run_stopped_before_validation(tmp_path: Path, flat_root: Path):
     _, objects = run_train(flat_root, tmp_path / "run",
                            ["trainer.max_steps=1", "model.class_weighting=inverse_sqrt", *TINY_NET])
     model, dm = objects["model"], objects["datamodule"]
+    # one step of a two-step epoch: no validation ran, so the rule was set when fitting ended, for these weights
+    assert load_judge(tmp_path / "run").refusal["step"] == 1 == model.calibrated_step
     captions = torch.as_tensor(dm.datasets["train"].caption_ids)
     for weight, part_of in ((model.type_weight, model.net.type_of), (model.colour_weight, model.net.colour_of)):
         counts = torch.bincount(part_of[captions], minlength=len(weight)).double()
@@ -298,3 +306,20 @@ def test_inverse_sqrt_class_weights(tmp_path: Path, flat_root: Path):
         assert present.sum() >= 2 and (~present).sum() >= 0
         torch.testing.assert_close(ratio[present], ratio[present][:1].expand(int(present.sum())))
         assert (w * counts).sum() / counts.sum() == pytest.approx(1.0)
+
+
+def test_outlier_exposure_replaces_part_of_each_batch(tmp_path: Path, flat_root: Path, monkeypatch):
+    """model.outliers: a quarter of each batch of 8 (2 images) becomes synthetic negatives whose type logits are
+    pulled to uniform; the type and colour losses see the other 6."""
+    seen = []
+    cross_entropy = judge_module.F.cross_entropy
+    monkeypatch.setattr(judge_module.F, "cross_entropy", lambda logits, target, **kw: seen.append(len(target))
+                        or cross_entropy(logits, target, **kw))
+    metrics, _ = run_train(flat_root, tmp_path / "run", [
+        "trainer.max_steps=1", "model.outliers={share: 0.25, weight: 0.5}", "trainer.log_every_n_steps=1",
+        *TINY_NET])
+    assert seen[:2] == [6, 6] and metrics["train/loss_outlier"] > 0
+    assert metrics["train/loss"] == pytest.approx(metrics["train/loss_type"] + metrics["train/loss_colour"]
+                                                  + 0.5 * metrics["train/loss_outlier"], rel=1e-5)
+    with pytest.raises(ClipdiffError, match="model.outliers"):
+        run_train(flat_root, tmp_path / "run2", ["trainer.max_steps=1", "model.outliers={share: 1.5}", *TINY_NET])

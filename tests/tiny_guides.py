@@ -49,7 +49,7 @@ def tiny_judge(vocabulary=VOCAB) -> Judge:
     judge = Judge(list(vocabulary), image_size=SIZE, type_net={"widths": [8, 8], "blocks": [1, 1]},
                   colour_net={"widths": [8], "blocks": [1]})
     with torch.no_grad():
-        bank = judge.type_net.features(torch.rand(8, 3, SIZE, SIZE))
+        bank = judge.embed(torch.rand(8, 3, SIZE, SIZE))
     judge.calibrate(bank, bank, quantile=0.0)
     judge.threshold.fill_(-2.0)
     return judge.eval()

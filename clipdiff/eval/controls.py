@@ -5,10 +5,11 @@ images of the same shape; the noise makers take a ``torch.Generator`` so a contr
 
 - :func:`flat_silhouette` — the car's pixels (the non-white ones, :func:`car_mask`) filled with one colour, the
   mean colour of those pixels: outline and paint colour kept, shading, windows and wheels gone.
-- :func:`noise_inside` — colour-matched noise inside the car: each car pixel drawn i.i.d. from a normal with the
-  per-channel mean and std of that image's car pixels; the background stays as rendered (white).
-- :func:`noise_image` — colour-matched noise over the whole image: each pixel drawn i.i.d. from a normal with the
-  per-channel mean and std of all the image's pixels (car and background): no outline at all.
+- :func:`noise_inside` — colour-matched noise inside the car: each car pixel and channel drawn independently from
+  the beta distribution with that image's car pixels' per-channel mean and std (a beta, not a clipped normal,
+  so the values stay in [0, 1] and the two moments match exactly); the background stays as rendered (white).
+- :func:`noise_image` — colour-matched noise over the whole image: the same with the per-channel mean and std of
+  all the image's pixels (car and background): no outline at all.
 - :func:`load_sample_folder` — the PNGs of ``samples/<method>/<scale>/<caption slug>/`` with their captions.
 """
 
@@ -48,16 +49,29 @@ def flat_silhouette(x01: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, mean.expand_as(x01), x01)
 
 
+def matched_noise(mean: torch.Tensor, std: torch.Tensor, shape: torch.Size,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent draws in [0, 1] from Beta(a, b) with mean ``mean`` and std ``std`` (broadcast to ``shape``):
+    a = m·c, b = (1 − m)·c with c = m(1 − m)/v − 1. Data in [0, 1] always has v ≤ m(1 − m); v is kept just
+    below that bound and above 1e-6, m inside (0.001, 0.999)."""
+    m = mean.double().clamp(1e-3, 1 - 1e-3)
+    v = torch.minimum((std.double() ** 2).clamp_min(1e-6), 0.999 * m * (1 - m))
+    c = m * (1 - m) / v - 1
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):  # torch.distributions draws from the global generator
+        torch.manual_seed(seed)
+        return torch.distributions.Beta((m * c).expand(shape), ((1 - m) * c).expand(shape)).sample().float()
+
+
 def noise_inside(x01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     mask = car_mask(x01)
     mean, std = _masked_stats(x01, mask)
-    noise = (mean + std * torch.randn(x01.shape, generator=generator, dtype=x01.dtype)).clamp(0, 1)
-    return torch.where(mask, noise, x01)
+    return torch.where(mask, matched_noise(mean, std, x01.shape, generator), x01)
 
 
 def noise_image(x01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     mean, std = _masked_stats(x01, torch.ones_like(x01[:, :1], dtype=torch.bool))
-    return (mean + std * torch.randn(x01.shape, generator=generator, dtype=x01.dtype)).clamp(0, 1)
+    return matched_noise(mean, std, x01.shape, generator)
 
 
 def load_sample_folder(folder: str | Path, vocabulary: list[str]) -> tuple[torch.Tensor, list[str]]:

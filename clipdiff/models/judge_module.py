@@ -3,19 +3,21 @@ DataModule: ``python -m clipdiff.train model=judge``. The colour-blind type net 
 net the colour part of each image's caption (a cross-entropy each, summed).
 
 After every validation (and at the end of fitting, for weights no validation saw) it sets the refusal rule for the
-current weights: a bank of type-net features of ``refusal.bank_size`` evenly spaced training images and the
-threshold at the ``refusal.quantile`` of the car-render scores of the val split (real renders it does not train
-on). Checkpoints carry the rule (``judge_calibration``), so the exported best epoch has its own.
+current weights: a bank of score features of ``refusal.bank_size`` evenly spaced training images (drawn through the
+training augmentation when ``refusal.bank_augment``) and the threshold at the ``refusal.quantile`` of the
+car-render scores of the val split (real renders it does not train on). Checkpoints carry the rule
+(``judge_calibration``), so the exported best epoch has its own.
 
 With ``outliers`` set, a share of each training batch is replaced by synthetic non-renders (tile-shuffled and
 half-and-half mixed renders, :mod:`~clipdiff.models.components.judge_outliers`) on which the type net is taught
 to be unsure (outlier exposure, Hendrycks et al., 2019), so their features move away from real renders'.
 
-Logged: ``train/loss`` (and ``train/loss_type``, ``train/loss_colour``, ``train/loss_outlier``), ``val/loss``, ``val/acc_caption`` (colour
-and type right, micro), ``val/acc_caption_macro`` (mean recall over the captions present), ``val/acc_colour``,
-``val/acc_type``, ``val/threshold`` (the car-render threshold), and the same under ``test/`` with ``test/refused``
-(the share of held-out test renders the rule refuses; the accuracies are the raw ones). ``export(path)`` writes the
-Lightning-free ``export.pt`` that :func:`~clipdiff.models.components.judge.load_judge` reads.
+Logged: ``train/loss`` (and ``train/loss_type``, ``train/loss_colour``, ``train/loss_outlier``), ``val/loss``,
+``val/acc_caption`` (colour and type right, micro), ``val/acc_caption_macro`` (mean recall over the captions
+present), ``val/acc_colour``, ``val/acc_type``, ``val/threshold`` (the car-render threshold), and the same under
+``test/`` with ``test/refused`` (the share of held-out test renders the rule refuses; the accuracies are the raw
+ones). ``export(path)`` writes the Lightning-free ``export.pt`` that
+:func:`~clipdiff.models.components.judge.load_judge` reads.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from clipdiff.models.components.judge import Judge, JudgeAugment, part_accuracie
 from clipdiff.models.components.judge_outliers import KINDS, make_outliers, uniform_cross_entropy
 
 CLASS_WEIGHTING = ("none", "inverse_sqrt")
-REFUSAL = {"k": 5, "bank_size": 2048, "quantile": 0.05}
+REFUSAL = {"k": 5, "bank_size": 2048, "quantile": 0.05, "score_stages": [-1], "bank_augment": False}
 OUTLIERS = {"share": 0.25, "weight": 0.5, "kinds": list(KINDS), "tiles": 4}
 CALIBRATION_KEY = "judge_calibration"
 
@@ -69,7 +71,8 @@ class JudgeModule(L.LightningModule):
             raise ClipdiffError("the judge needs the caption vocabulary (train it with `python -m clipdiff.train "
                                 "model=judge`, which passes the DataModule's captions)")
         if class_weighting not in CLASS_WEIGHTING:
-            raise ClipdiffError(f"model.class_weighting={class_weighting!r}: choose one of {', '.join(CLASS_WEIGHTING)}")
+            raise ClipdiffError(f"model.class_weighting={class_weighting!r}: choose one of "
+                                f"{', '.join(CLASS_WEIGHTING)}")
         unknown = set(refusal or {}) - set(REFUSAL)
         if unknown:
             raise ClipdiffError(f"model.refusal has unknown key(s) {sorted(unknown)}: use {', '.join(REFUSAL)}")
@@ -80,7 +83,7 @@ class JudgeModule(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.vocabulary = list(vocabulary)
         self.net = Judge(self.vocabulary, image_size=image_size, type_net=type_net, colour_net=colour_net,
-                         k=int(self.refusal["k"]))
+                         k=int(self.refusal["k"]), score_stages=list(self.refusal["score_stages"]))
         self.augment = JudgeAugment(**augment) if augment else None
         # set from the training captions in setup("fit"); saved in checkpoints so a reload scores the same loss
         self.register_buffer("type_weight", torch.ones(len(self.net.type_names)))
@@ -133,10 +136,9 @@ class JudgeModule(L.LightningModule):
             weight.copy_(inverse_sqrt_weights(counts))
 
     # -- steps ---------------------------------------------------------------------------------------------------
-    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(type logits, colour logits, type-net features)."""
-        features = self.net.type_net.features(x01)
-        return self.net.type_net.head(features), self.net.colour_net(x01), features
+    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(type logits, colour logits)."""
+        return self.net.type_net(x01), self.net.colour_net(x01)
 
     def _losses(self, type_logits, colour_logits, captions) -> tuple[torch.Tensor, torch.Tensor]:
         weighted = self.hparams.class_weighting != "none"
@@ -152,7 +154,7 @@ class JudgeModule(L.LightningModule):
             x = self.augment(x)
         n_out = int(self.outliers["share"] * len(y)) if self.outliers else 0
         if n_out == 0:
-            type_logits, colour_logits, _ = self(x)
+            type_logits, colour_logits = self(x)
             loss_type, loss_colour = self._losses(type_logits, colour_logits, y)
             loss_outlier = torch.zeros((), device=x.device)
         else:  # the first n_out images (the batch is shuffled) become synthetic negatives for outlier exposure
@@ -169,14 +171,16 @@ class JudgeModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, hits: CatMetric) -> torch.Tensor:
+        """Logs the loss, gathers the hits; returns the score's features (:meth:`Judge.embed`)."""
         x, y = batch["image"], batch["caption"]
-        type_logits, colour_logits, features = self(x)
+        stages = self.net.type_net.stage_features(x)
+        type_logits, colour_logits = self.net.type_net.head(stages[-1]), self.net.colour_net(x)
         loss_type, loss_colour = self._losses(type_logits, colour_logits, y)
         self.log(f"{stage}/loss", loss_type + loss_colour, on_epoch=True, batch_size=len(y), sync_dist=True)
         colour_hit = colour_logits.argmax(1) == self.net.colour_of[y]
         type_hit = type_logits.argmax(1) == self.net.type_of[y]
         hits.update(torch.stack([y, colour_hit.long(), type_hit.long()], dim=1))
-        return features
+        return self.net._embed(stages)
 
     def _eval_epoch_end(self, stage: str, hits: CatMetric) -> None:
         rows = hits.compute().long().view(-1, 3)
@@ -188,7 +192,7 @@ class JudgeModule(L.LightningModule):
         self._eval_step(batch, "val", self.val_hits)
 
     def on_validation_epoch_start(self) -> None:
-        self.val_hits.reset()  # fresh state: under ddp_spawn the initial metric tensors arrive in memory shared by both ranks
+        self.val_hits.reset()  # fresh state: under ddp_spawn the initial metric tensors arrive in shared memory
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val", self.val_hits)
@@ -213,15 +217,26 @@ class JudgeModule(L.LightningModule):
         self.test_scores.reset()
 
     # -- the refusal rule ----------------------------------------------------------------------------------------
-    def _features(self, dataset, indices: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-        out = [self.net.type_net.features(dataset.float_images(chunk).to(self.device))
-               for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size)))]
+    def _features(self, dataset, indices: np.ndarray, augment: bool = False, batch_size: int = 256) -> torch.Tensor:
+        """:meth:`Judge.embed` of ``dataset`` images at ``indices``; with ``augment``, each drawn once through the
+        training augmentation from a fixed seed (the global random streams are left as they were)."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        out = []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+                x = dataset.float_images(chunk).to(self.device)
+                if augment and self.augment is not None:
+                    x = self.augment(x)
+                out.append(self.net.embed(x))
         return torch.cat(out)
 
     def calibrate(self) -> torch.Tensor:
         """The refusal rule for the current weights: the bank from ``refusal.bank_size`` evenly spaced training
-        images (all views of an object are adjacent, so this spreads over objects and views), the threshold from
-        every val image. Returns the val scores. Deterministic, so every rank computes the same rule."""
+        images (all views of an object are adjacent, so this spreads over objects and views), drawn through the
+        training augmentation when ``refusal.bank_augment`` (the blur, noise, zoom and shifts the judge learns to
+        accept), and the threshold from every val image as it is. Returns the val scores. Deterministic, so every
+        rank computes the same rule."""
         datasets = self._datasets()
         train, val = datasets.get("train"), datasets.get("val")
         if train is None or val is None or not len(train) or not len(val):
@@ -233,7 +248,7 @@ class JudgeModule(L.LightningModule):
         self.eval()
         try:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors: they outlive the validation loop
-                bank = self._features(train, bank_idx)
+                bank = self._features(train, bank_idx, augment=bool(self.refusal["bank_augment"]))
                 heldout = self._features(val, np.arange(len(val)))
                 scores = self.net.calibrate(bank, heldout, float(self.refusal["quantile"]), split="val",
                                             step=int(self.global_step))

@@ -40,12 +40,16 @@ class Judge(nn.Module):
     """Colour net, colour-blind type net and car-render score over ``vocabulary`` (captions in id order).
 
     ``type_net`` / ``colour_net`` are :class:`SmallResNet` arguments (their ``image_size`` defaults to the judge's);
-    ``k`` is the neighbour the score reads. The score is undefined until :meth:`calibrate` gives it a bank of
-    training features and held-out real features to set the threshold on (training does this; an export keeps it).
+    ``k`` is the neighbour the score reads and ``score_stages`` the type-net stages (0-based) whose average-pooled
+    outputs, each L2-normalised and joined, are the features it compares (:meth:`embed`; the last stage alone is
+    Sun et al.'s penultimate layer; an earlier stage sees parts and texture, not only the outline). The score is
+    undefined until :meth:`calibrate` gives it a bank of training features and held-out real features to set the
+    threshold on (training does this; an export keeps it).
     """
 
     def __init__(self, vocabulary: Sequence[str], image_size: int = 32, type_net: Mapping[str, Any] | None = None,
-                 colour_net: Mapping[str, Any] | None = None, k: int = 5):
+                 colour_net: Mapping[str, Any] | None = None, k: int = 5,
+                 score_stages: Sequence[int] | None = None):
         super().__init__()
         vocab = Vocabulary(vocabulary)
         if list(vocabulary) != vocab.captions:
@@ -57,14 +61,21 @@ class Judge(nn.Module):
         self.image_size, self.k = int(image_size), int(k)
         type_cfg = {"image_size": self.image_size, **(type_net or {})}
         colour_cfg = {"image_size": self.image_size, **(colour_net or {})}
-        self.config = {"image_size": self.image_size, "type_net": type_cfg, "colour_net": colour_cfg, "k": self.k}
         self.type_net = SmallResNet(len(self.type_names), in_channels=1, **type_cfg)
         self.colour_net = SmallResNet(len(self.colour_names), in_channels=3, **colour_cfg)
+        n_stages = len(self.type_net.stages)
+        self.score_stages = sorted({int(i) % n_stages for i in (score_stages if score_stages is not None else [-1])})
+        if not self.score_stages or any(not -n_stages <= int(i) < n_stages for i in (score_stages or [])):
+            raise ClipdiffError(f"model.refusal.score_stages={list(score_stages or [])}: type-net stages are 0.."
+                                f"{n_stages - 1}")
+        self.config = {"image_size": self.image_size, "type_net": type_cfg, "colour_net": colour_cfg, "k": self.k,
+                       "score_stages": self.score_stages}
         colour_of, type_of = caption_parts(vocab)
         self.register_buffer("colour_of", colour_of, persistent=False)
         self.register_buffer("type_of", type_of, persistent=False)
         # the refusal rule (not in state_dict: its size is the bank's; checkpoints and exports carry it apart)
-        self.register_buffer("bank", torch.zeros(0, self.type_net.feature_dim), persistent=False)
+        dim = sum(self.type_net.config["widths"][i] for i in self.score_stages)
+        self.register_buffer("bank", torch.zeros(0, dim), persistent=False)
         self.register_buffer("threshold", torch.tensor(math.nan), persistent=False)
         self.refusal: dict[str, Any] = {}
 
@@ -73,18 +84,25 @@ class Judge(nn.Module):
     def calibrated(self) -> bool:
         return len(self.bank) > 0 and bool(torch.isfinite(self.threshold))
 
-    def score(self, type_features: torch.Tensor) -> torch.Tensor:
-        """Car-render score [B] of type-net features: minus the distance to the k-th nearest bank entry."""
+    def embed(self, x01: torch.Tensor) -> torch.Tensor:
+        """The features the score compares: the chosen stages' pooled outputs, each L2-normalised, joined."""
+        return self._embed(self.type_net.stage_features(x01))
+
+    def _embed(self, stage_features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.normalize(stage_features[i], dim=1) for i in self.score_stages], dim=1)
+
+    def score(self, embedded: torch.Tensor) -> torch.Tensor:
+        """Car-render score [B] of :meth:`embed` features: minus the distance to the k-th nearest bank entry."""
         if not self.calibrated:
             raise ClipdiffError("this judge has no car-render threshold yet: it is set when training validates "
                                 "(load a trained judge with load_judge(export.pt))")
-        return knn_scores(type_features, self.bank, self.k)
+        return knn_scores(embedded, self.bank, self.k)
 
     @torch.no_grad()
     def calibrate(self, bank_features: torch.Tensor, heldout_features: torch.Tensor, quantile: float,
                   split: str = "val", step: int | None = None) -> torch.Tensor:
-        """Keep ``bank_features`` (training images) and set the threshold to the ``quantile`` of the scores of
-        ``heldout_features`` (real images the judge did not train on); returns those scores."""
+        """Keep ``bank_features`` (:meth:`embed` of training images) and set the threshold to the ``quantile`` of the
+        scores of ``heldout_features`` (real images the judge did not train on); returns those scores."""
         bank = F.normalize(bank_features.detach().float(), dim=1).to(self.threshold.device)
         scores = knn_scores(heldout_features.detach(), bank, self.k).cpu()
         self.bank = bank
@@ -106,8 +124,9 @@ class Judge(nn.Module):
     # -- reading images ------------------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor) -> dict[str, torch.Tensor]:
         """``colour`` / ``type`` logits over :attr:`colour_names` / :attr:`type_names` and the car-render ``score``."""
-        features = self.type_net.features(x01)
-        return {"colour": self.colour_net(x01), "type": self.type_net.head(features), "score": self.score(features)}
+        stages = self.type_net.stage_features(x01)
+        return {"colour": self.colour_net(x01), "type": self.type_net.head(stages[-1]),
+                "score": self.score(self._embed(stages))}
 
     @torch.no_grad()
     def predict(self, x01: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:

@@ -91,5 +91,13 @@ class SmallResNet(nn.Module):
     def features(self, x01: torch.Tensor) -> torch.Tensor:
         return self.pool(self.stages(self.stem(self.prepare(x01))))
 
+    def stage_features(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        """The average-pooled output of every stage, [B, widths[i]] each; the last is :meth:`features`."""
+        h, out = self.stem(self.prepare(x01)), []
+        for stage in self.stages:
+            h = stage(h)
+            out.append(self.pool(h))
+        return out
+
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x01))
