@@ -145,7 +145,8 @@ def test_judge_ceiling_on_held_out_real_images(evaluation, models, tmp_path):
 
     judge = load_judge(models["judge"])
     with torch.no_grad():
-        judge.head[-1].bias.fill_(-1e4)[judge.vocabulary.index("a red car")] = 1e4
+        judge.colour_net.head[-1].bias.fill_(-1e4)[judge.colour_names.index("red")] = 1e4
+        judge.type_net.head[-1].bias.fill_(-1e4)[judge.type_names.index("car")] = 1e4
     real = evaluate.open_real(compose_eval(args(models, tmp_path / "r")), 8)
     out = evaluate.judge_on_real(judge, real, CAPTIONS, 3, "test", 200, 0)
     assert [(r["caption"], r["acc_caption"], r["acc_colour"]) for r in out] == [

@@ -27,10 +27,13 @@ def judged(x01: torch.Tensor) -> torch.Tensor:
 
 
 class RiggedJudge(Judge):
-    """The project's Judge (``predict``, ``correct``) with logits the test controls."""
+    """The project's Judge (``predict``, ``correct``) with answers the test controls: the colour part and body type
+    of the caption ``judged`` names, and a score its threshold never refuses."""
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(judged(x01), len(VOCAB)).float()
+    def forward(self, x01: torch.Tensor) -> dict[str, torch.Tensor]:
+        said = judged(x01)
+        return {"colour": F.one_hot(self.colour_of[said], len(self.colour_names)).float(),
+                "type": F.one_hot(self.type_of[said], len(self.type_names)).float(), "score": torch.zeros(len(said))}
 
 
 def parts(caption: str) -> tuple[str, str]:
@@ -57,8 +60,9 @@ def rigged(tmp_path_factory):
         "cars_test": {"c1": "a red car"},
     }, views=3)
     mp = pytest.MonkeyPatch()
-    judge = RiggedJudge(len(VOCAB), image_size=SIZE, widths=[4], blocks=[1]).eval()
-    judge.vocabulary = list(VOCAB)
+    judge = RiggedJudge(list(VOCAB), image_size=SIZE, type_net={"widths": [4], "blocks": [1]},
+                        colour_net={"widths": [4], "blocks": [1]}).eval()
+    judge.calibrate(torch.ones(1, 4), torch.ones(1, 4), quantile=0.0)  # every score 0 ≥ the threshold: none refused
     mp.setattr(evaluate, "load_judge", lambda path, key: judge)
     drawn, fds = [], []
     draw = evaluate.GuidedPipeline.draw

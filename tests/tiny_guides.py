@@ -11,7 +11,6 @@ from torch import nn
 from clipdiff.models.components.clip import ClipClassifier, model_from_config, tokenizer_for
 from clipdiff.models.components.judge import Judge
 from clipdiff.models.ddpm_module import DdpmModule
-from clipdiff.models.export import save_export
 
 SIZE = 8
 LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
@@ -43,11 +42,21 @@ def clip_export(path: Path) -> Path:
     return tiny_clip().export(path)
 
 
-def judge_export(path: Path, vocabulary=VOCAB) -> Path:
+def tiny_judge(vocabulary=VOCAB) -> Judge:
+    """An untrained judge (colour net, grey type net) whose refusal rule accepts every image: its threshold is
+    -2, the lowest score a k-NN distance between unit vectors allows."""
     torch.manual_seed(2)
-    net = Judge(len(vocabulary), image_size=SIZE, widths=[8, 8], blocks=[1, 1])
-    return save_export(path, "judge", config=dict(net.config), state_dict=net.state_dict(), vocabulary=list(vocabulary),
-                       image_size=SIZE)
+    judge = Judge(list(vocabulary), image_size=SIZE, type_net={"widths": [8, 8], "blocks": [1, 1]},
+                  colour_net={"widths": [8], "blocks": [1]})
+    with torch.no_grad():
+        bank = judge.embed(torch.rand(8, 3, SIZE, SIZE))
+    judge.calibrate(bank, bank, quantile=0.0)
+    judge.threshold.fill_(-2.0)
+    return judge.eval()
+
+
+def judge_export(path: Path, vocabulary=VOCAB) -> Path:
+    return tiny_judge(vocabulary).export(path)
 
 
 def tiny_noisy_clip(image_size: int = SIZE, schedule: dict | None = None):
