@@ -4,11 +4,17 @@ Every job directory of the sweep (``<sweep_dir>/<n>/`` with ``.hydra/overrides.y
 overrides as columns (``guidance.scale``, ``model.optimizer.lr``, …) and its number and directory:
 
 - ``clipdiff.evaluate`` jobs: their ``summary.csv`` rows (one per method × scale, captions pooled);
+- ``clipdiff.pipeline`` jobs: the ``summary.csv`` rows of their evaluation (``<job>/evaluate/``);
 - ``clipdiff.train`` jobs (grid or Optuna sweeps): the last logged value of every metric in ``csv/metrics.csv``;
 - ``clipdiff.sample`` jobs: what ``sample.json`` says was run (guidance, scale, prompt, sampler).
 
 Writes ``aggregate.csv``, ``aggregate.md`` and, where rows carry both a judged accuracy and an FD,
 ``accuracy_vs_fd.png`` (a line per method and setting through its scales) into this command's run directory.
+
+``spread_over=seed`` (e.g. over ``python -m clipdiff.pipeline -m seed=0,1,2 …``) also writes ``spread.csv`` and
+``spread.md``: every numeric column's mean, sample standard deviation, min and max over the jobs that differ only in
+that override, a row per method × scale, and the default rows (``is_default``) of each method however their scale
+varies between jobs.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def job_rows(job: Path) -> tuple[str, list[dict[str, Any]]]:
     """(kind, rows) of one job directory."""
     if (job / "summary.csv").is_file():
         return "evaluate", read_csv(job / "summary.csv")
+    if (job / "evaluate" / "summary.csv").is_file():
+        return "pipeline", read_csv(job / "evaluate" / "summary.csv")
     if (job / "csv" / "metrics.csv").is_file():
         return "train", [last_logged(job / "csv" / "metrics.csv")]
     if (job / "sample.json").is_file():
@@ -164,6 +172,67 @@ def plot_accuracy_vs_fd(rows: list[dict[str, Any]], override_keys: list[str], pa
     return save_figure(fig, path)
 
 
+SPREAD_SHOWN = ("acc_caption", "acc_colour", "acc_type", "refused", "c2st_grey", "c2st_rgb", "fd_indep", "precision",
+                "recall")  # the columns spread.md shows (spread.csv has every numeric one)
+
+
+def spread(rows: list[dict[str, Any]], override_keys: list[str], over: str) -> list[dict[str, Any]]:
+    """Mean, sample std, min, max and t-interval (:func:`clipdiff.eval.stats.seed_spread`) of every numeric column
+    over the jobs that differ only in ``over``: a row per
+    setting × method × scale, then a row per setting × method for the default rows (``is_default``), whose
+    ``scale`` lists the scales the jobs chose."""
+    from clipdiff.eval.stats import seed_spread
+
+    fixed = [k for k in override_keys if k != over]
+    skip = {*override_keys, "job", "kind", "dir", "n", "scale", "is_default"}
+
+    def summarise(key: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {**key, "jobs": len(members), over: " ".join(str(m.get(over)) for m in members)}
+        for col in dict.fromkeys(c for m in members for c in m if c not in skip):
+            vals = [m[col] for m in members if _finite(m.get(col))]
+            if not vals or len(vals) < len(members):
+                continue
+            got = seed_spread(vals)
+            out |= {f"{col}_{k}": got[k] for k in ("mean", "std", "min", "max", "lo", "hi")}
+        return out
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    defaults: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "method" not in r:
+            continue
+        setting = tuple(str(r.get(k)) for k in fixed)
+        groups.setdefault((*setting, r["method"], r.get("scale")), []).append(r)
+        if str(r.get("is_default")).lower() in ("true", "1"):
+            defaults.setdefault((*setting, r["method"]), []).append(r)
+    out = [summarise({**dict(zip(fixed, key)), "method": key[-2], "scale": key[-1]}, members)
+           for key, members in groups.items()]
+    out += [summarise({**dict(zip(fixed, key)), "method": f"{key[-1]} (default)",
+                       "scale": " ".join(f"{m['scale']:g}" for m in members)}, members)
+            for key, members in defaults.items()]
+    return out
+
+
+def write_spread(rows: list[dict[str, Any]], out_dir: Path, over: str, title: str) -> tuple[Path, Path]:
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    csv_path, md_path = out_dir / "spread.csv", out_dir / "spread.md"
+    with atomic_open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
+    shown = [c for c in SPREAD_SHOWN if any(f"{c}_mean" in r for r in rows)]
+    keys = [c for c in columns if not c.endswith(("_mean", "_std", "_min", "_max", "_lo", "_hi")) and c not in ("jobs", over)]
+    lines = [f"# {title}: mean ± sample std over {over} (min–max in spread.csv)", "",
+             "| " + " | ".join([*keys, "jobs", *shown]) + " |", "|" + "---|" * (len(keys) + 1 + len(shown))]
+    for r in rows:
+        cells = [_cell(r.get(k)) for k in keys] + [str(r.get("jobs", ""))]
+        cells += [f"{r[c + '_mean']:.3f} ± {r[c + '_std']:.3f}" if c + "_mean" in r else "–" for c in shown]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    with atomic_open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("sweep_dir"):
         raise ClipdiffError("sweep_dir is required: python -m clipdiff.aggregate sweep_dir=outputs/<task>/multiruns/<ts>")
@@ -173,14 +242,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_accuracy_vs_fd(rows, keys, out_dir / "accuracy_vs_fd.png")
     csv_path, md_path = write_tables(rows, columns, out_dir, f"Sweep {sweep_dir}", plot)
-    return {"rows": rows, "columns": columns, "csv": csv_path, "markdown": md_path, "plot": plot, "run_dir": out_dir}
+    result = {"rows": rows, "columns": columns, "csv": csv_path, "markdown": md_path, "plot": plot, "run_dir": out_dir,
+              "spread": None}
+    over = cfg.get("spread_over")
+    if over:
+        if over not in keys:
+            raise ClipdiffError(f"spread_over={over}: the sweep's jobs do not vary it (their overrides: {', '.join(keys)})")
+        result["spread_rows"] = spread(rows, keys, str(over))
+        result["spread"] = write_spread(result["spread_rows"], out_dir, str(over), f"Sweep {sweep_dir}")[1]
+    return result
 
 
 @hydra_entry("aggregate")
 def main(cfg: DictConfig) -> None:
     result = run(cfg)
     print(f"{len(result['rows'])} rows from {cfg.sweep_dir}")
-    for key in ("csv", "markdown", "plot"):
+    for key in ("csv", "markdown", "plot", "spread"):
         if result[key] is not None:
             print(f"{key}: {result[key]}")
 

@@ -87,3 +87,36 @@ def test_command_line_error_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"clipdiff: error: sweep_dir={tmp_path}/none does not exist (give outputs/<task>/multiruns/<timestamp>)"]
+
+
+def test_seed_sweep_of_the_pipeline_gives_mean_and_spread(tmp_path):
+    """``spread_over=seed`` over pipeline jobs (their summary under evaluate/): mean and sample std per method ×
+    scale against numbers computed here, and the default rows grouped however their scale varies."""
+    import statistics
+
+    sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00-000000"
+    accs = {0: (0.1, 0.5, 0.7), 1: (0.2, 0.6, 0.5), 2: (0.15, 0.4, 0.9)}  # none, noisy s10, noisy s30
+    for seed, (a0, a10, a30) in accs.items():
+        job = fake_job(sweep, seed, [f"seed={seed}"])
+        rows = [summary_row("none", 0.0, a0, 30.0), summary_row("noisy_clip", 10.0, a10, 31.0),
+                summary_row("noisy_clip", 30.0, a30, 40.0 + seed)]
+        default = 1 if a10 >= a30 else 2  # the more accurate one is this seed's default
+        for i, r in enumerate(rows):
+            r["is_default"] = i == default
+            r["c2st_grey"] = 0.6 + 0.01 * seed
+        write_csv(rows, SUMMARY_COLUMNS, job / "evaluate" / "summary.csv")
+    out = tmp_path / "agg"
+    result = run(compose_config("aggregate", [f"sweep_dir={sweep}", "spread_over=seed", f"paths.run_dir={out}"]))
+    assert {r["kind"] for r in result["rows"]} == {"pipeline"}
+    spread = {(r["method"], r["scale"]): r for r in result["spread_rows"]}
+    s10 = spread[("noisy_clip", 10.0)]
+    assert s10["jobs"] == 3 and s10["seed"] == "0 1 2"
+    assert s10["acc_caption_mean"] == pytest.approx(statistics.fmean([0.5, 0.6, 0.4]))
+    assert s10["acc_caption_std"] == pytest.approx(statistics.stdev([0.5, 0.6, 0.4]))
+    assert spread[("noisy_clip", 30.0)]["fd_min"] == 40.0 and spread[("noisy_clip", 30.0)]["fd_max"] == 42.0
+    default = spread[("noisy_clip (default)", "30 10 30")]  # seed 1 chose scale 10, seeds 0 and 2 scale 30
+    assert default["acc_caption_mean"] == pytest.approx(statistics.fmean([0.7, 0.6, 0.9]))
+    md = (out / "spread.md").read_text()
+    assert "mean ± sample std over seed" in md and f"{statistics.fmean([0.5, 0.6, 0.4]):.3f} ± " in md
+    with pytest.raises(ClipdiffError, match="spread_over=lr: the sweep's jobs do not vary it"):
+        run(compose_config("aggregate", [f"sweep_dir={sweep}", "spread_over=lr", f"paths.run_dir={tmp_path / 'x'}"]))

@@ -69,6 +69,29 @@ def run(judge_path: str, root: str, captions: str | None, split: str, samples: S
     return rows
 
 
+def in_evaluation(cfg, pipe, judge, jobs, matched: torch.Tensor | None, targets: list[str]) -> list[dict[str, Any]]:
+    """The control rows of ``clipdiff.evaluate`` (``controls.csv``; ``images`` keeps each set's images for a grid):
+    real renders of the target captions (``matched``, in target order), the same made into controls, and the
+    first guided method at ``controls.overguided_scale``, far past any default: blobs a judge must refuse."""
+    import dataclasses
+
+    k = min(int(cfg.controls.num), len(targets))
+    pick = torch.linspace(0, len(targets) - 1, k).round().long()  # spread over the captions
+    names, seed, sets = [targets[i] for i in pick.tolist()], int(cfg.seed), {}
+    if matched is not None:
+        real, gen = matched[pick], torch.Generator().manual_seed(seed)
+        sets |= {"held-out real": real, "flat silhouette": controls.flat_silhouette(real),
+                 "noise inside car": controls.noise_inside(real, gen), "noise whole image": controls.noise_image(real, gen)}
+    guided = next(((m, job) for m, _, job in jobs if job.guidance is not None), None)
+    scale = float(cfg.controls.overguided_scale)
+    if guided is not None and scale > 0:
+        method, job = guided
+        over = pipe.prepare(names, guidance=dataclasses.replace(job.guidance, scale=scale), sampler=job.sampler,
+                            seed=seed, batch_size=int(cfg.batch_size), prefix=f"guides.{method}")
+        sets[f"over-guided ({method} s={scale:g})"] = pipe.draw(over, score=False).images
+    return [{**control_row(judge, name, images, names), "images": images} for name, images in sets.items()]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" if c == "set" else "---:" for c in cols) + " |"]

@@ -1,35 +1,47 @@
 """Put a demo's results into the README: ``python -m clipdiff.eval.readme [outputs/latest_demo]``.
 
 Replaces the block between ``<!-- demo-results:start -->`` and ``<!-- demo-results:end -->`` in README.md with
-the pooled table of the run's evaluation (``summary.csv``) and copies its grids for the unguided and the best
-guided settings to ``docs/demo/``, so the README shows what the command produced rather than pasted numbers.
+the pooled table of the run's evaluation (``summary.csv``, accuracy beside realism), the judge's ceiling and
+controls, and copies the front plot and the grids of the unguided and each method's default setting to
+``docs/demo/``, so the README shows what the command produced rather than pasted numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from clipdiff.errors import ClipdiffError
+from clipdiff.eval import report
 from clipdiff.utils.io import atomic_open
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 
 
-def pct(row: dict, key: str) -> str:
-    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    ci = f" [{float(lo):.0%}, {float(hi):.0%}]" if lo not in (None, "") and hi not in (None, "") else ""
-    return f"{float(row[key]):.0%}{ci}"
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A CSV's rows with numbers as floats (empty cells NaN) and ``is_default`` as a bool."""
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        row: dict[str, Any] = {}
+        for k, v in r.items():
+            if k == "is_default":
+                row[k] = v.lower() == "true"
+                continue
+            try:
+                row[k] = float(v) if v != "" else math.nan
+            except ValueError:
+                row[k] = v
+        out.append(row)
+    return out
 
 
 def timing(run: Path) -> str:
@@ -45,47 +57,59 @@ def timing(run: Path) -> str:
     return f"The run took {int(total.group(1)) / 60:.1f} min wall{cpus} (stages: {parts}). "
 
 
+def _copy(src: Path, docs: Path, name: str, readme_dir: Path) -> str | None:
+    if not src.is_file():
+        return None
+    target = docs / name
+    shutil.copyfile(src, target)
+    return Path(os.path.relpath(target.resolve(), readme_dir)).as_posix()
+
+
 def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
     evaluation = run / "evaluate"
     summary = evaluation / "summary.csv"
     if not summary.is_file():
         raise ClipdiffError(f"{summary} does not exist: run `make demo` first (or give a pipeline run directory)")
     rows = read_rows(summary)
-    lines = ["| method | scale | n | caption acc | colour acc | type acc | FD | KID | guide acc | s/image |",
-             "| --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        guide = f"{float(r['guide_acc']):.2f}" if r.get("guide_acc") else "–"
-        lines.append(f"| {r['method']} | {r['scale']} | {r['n']} | {pct(r, 'acc_caption')} | {pct(r, 'acc_colour')} | "
-                     f"{pct(r, 'acc_type')} | {float(r['fd_mean']):.3g} | {float(r['kid_mean']):.3g} | {guide} | "
-                     f"{float(r['sec_per_image']):.2f} |")
-    ceiling = read_rows(evaluation / "judge_real.csv") if (evaluation / "judge_real.csv").is_file() else []
-    pooled = [r for r in ceiling if r["caption"] == "all"]
-    missing = [r["caption"] for r in ceiling if r["caption"] != "all" and r["n"] == "0"]
-    mark = "\\*" if missing else ""
-    for r in pooled:  # the judge on held-out real renders: what a sampler drawing real cars would score
-        lines.append(f"| real `{r['split']}` images{mark} | – | {r['n']} | {pct(r, 'acc_caption')} | "
-                     f"{pct(r, 'acc_colour')} | {pct(r, 'acc_type')} | – | – | – | – |")
-    if pooled and missing:
-        lines += ["", f"\\* averaged over the captions with `{pooled[0]['split']}` images; none of: {', '.join(missing)}."]
+    floor_csv = evaluation / "real_vs_real.csv"
+    floor = read_rows(floor_csv)[0] if floor_csv.is_file() else None
+    lines = report.summary_lines(rows, floor)
+    ceiling = [r for r in (read_rows(evaluation / "judge_real.csv") if (evaluation / "judge_real.csv").is_file() else [])
+               if r["caption"] == "all"]
+    notes = []
+    for r in ceiling:
+        notes.append(f"The judge on held-out real renders of the same captions (the ceiling): caption "
+                     f"{report.pct(r, 'acc_caption')}, colour {report.pct(r, 'acc_colour')}, type "
+                     f"{report.pct(r, 'acc_type')}, refused {report.share(r.get('refused'))} "
+                     f"({int(r['n'])} images of {int(r['objects'])} objects; intervals over objects).")
+    controls = read_rows(evaluation / "controls.csv") if (evaluation / "controls.csv").is_file() else []
+    if controls:
+        notes.append("The judge passes " + ", ".join(f"{report.share(r['passed'])} of {r['set']}" for r in controls)
+                     + " (`controls.csv`).")
     docs.mkdir(parents=True, exist_ok=True)
     pictures = []
-    for method in ("none", "clip", "noisy_clip"):
+    for method in dict.fromkeys(r["method"] for r in rows):
         candidates = [r for r in rows if r["method"] == method]
-        if not candidates:
+        pick = candidates[0] if method == "none" else next((r for r in candidates if r.get("is_default")), None)
+        if pick is None:
             continue
-        best = max(candidates, key=lambda r: float(r["acc_caption"]))
-        scale = best["scale"]
-        grid = evaluation / "grids" / f"{method}_s{scale}.png"
-        if grid.is_file():
-            target = docs / f"{method}.png"
-            shutil.copyfile(grid, target)
-            pictures.append(f'<b>{method}</b> (scale {scale})<br><img src="{Path(os.path.relpath(target.resolve(), readme_dir)).as_posix()}" width="300">')
+        scale = report.scale_name(pick["scale"])
+        src = _copy(evaluation / "grids" / f"{method}_s{scale}.png", docs, f"{method}.png", readme_dir)
+        if src:
+            label = "unguided" if method == "none" else f"default, scale {scale}"
+            pictures.append(f'<b>{method}</b> ({label})<br><img src="{src}" width="300">')
+    front = _copy(evaluation / "front.png", docs, "front.png", readme_dir)
     when = run.resolve().name
     return "\n".join([
         (f"Produced by `make demo` (run `{when}`; `python -m clipdiff.eval.readme` copied it here). {timing(run)}"
-        f"Judge accuracy with bootstrap 95% CIs; FD/KID per caption in the clean CLIP's feature space, averaged"
-        f"{'; the last row is the judge on held-out real renders of the same captions, the ceiling' if pooled else ''}."),
-        "", *lines, "", "<table><tr>" + "".join(f"<td>{p}</td>" for p in pictures) + "</tr></table>",
+         "Judged accuracy with Wilson 95% intervals; Δ caption: the paired difference against unguided (the same "
+         "initial noise) with Newcombe's interval; realism against held-out real renders: c2st (0.5 = "
+         "indistinguishable, grey = shape alone) and FD/precision/recall in the realism net's space; the last row is "
+         "real against real. A default row is each method's most accurate scale whose c2st grey stays within 0.05 "
+         "of unguided."),
+        "", *lines, "", *notes, "",
+        *([f'<img src="{front}" width="640">', ""] if front else []),
+        "<table><tr>" + "".join(f"<td>{p}</td>" for p in pictures) + "</tr></table>",
     ])
 
 

@@ -1,5 +1,14 @@
-"""Real images for evaluation: a caption's real renders (FD/KID's reference), the judge on held-out real renders
-(the ceiling of judged accuracy, ``judge_real.csv``) and the captions to evaluate."""
+"""Held-out real renders for evaluation, from splits that no model trained on.
+
+- :class:`Reference` — the real images of one SRN root's split at the DDPM's size: a caption's images spread
+  over as many objects as there are, an unconditional draw (the unguided row's reference), and two halves split by
+  object (the real-against-real floor of every realism measure).
+- :func:`open_references` — ``(mix, by_caption)`` from the evaluation config: ``data.root``'s ``real_split`` (the
+  unconditional mix) and ``real_root``'s (more held-out objects per caption; ``data.root`` when not given).
+- :func:`judge_on_real` — the judge on held-out real renders of each caption (``judge_real.csv``): the ceiling of
+  the samples' judged accuracy, with intervals over objects rather than views.
+- :func:`choose_captions` — the captions to evaluate.
+"""
 
 from __future__ import annotations
 
@@ -14,95 +23,145 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipdiff.data.vocab import caption_prior
 from clipdiff.errors import ClipdiffError
-from clipdiff.eval import report
 
 log = logging.getLogger("clipdiff.evaluate")
 
 
-class RealImages:
-    """Real images of one caption from the dataset (``data`` config), at the DDPM's size; None when absent.
+class Reference:
+    """Real images of ``split`` (a ``data.splits`` key) under ``root``, every view, resized to ``image_size``."""
 
-    ``split`` gives the images FD/KID compare against; ``extra`` names other stages read here (``judge_split``)."""
-
-    def __init__(self, data_cfg: DictConfig, image_size: int, split: str, extra: dict[str, str] | None = None):
+    def __init__(self, data_cfg: DictConfig, image_size: int, split: str, root: str | None = None,
+                 captions: str | None = None):
         splits = dict(data_cfg.splits)
-        for key, stage in {"real_split": split, **(extra or {})}.items():
-            if stage not in splits:
-                raise ClipdiffError(f"{key}={stage}: data.splits has no such stage (have: {', '.join(splits)})")
-        read = ("train", split, *(extra or {}).values())
-        wanted = {s: splits[s] for s in splits if s in read}  # only the splits read here are scanned
-        node = {**OmegaConf.to_container(data_cfg, resolve=True), "splits": wanted, "image_size": image_size,
-                "progress": False}
+        if split not in splits:
+            raise ClipdiffError(f"real_split={split}: data.splits has no such split (have: {', '.join(splits)})")
+        node = {**OmegaConf.to_container(data_cfg, resolve=True), "splits": {split: splits[split]},
+                "image_size": image_size, "progress": False, "views_per_object": None, "eval_views_per_object": None}
+        if root is not None:
+            node["root"] = str(root)
+            node["captions"] = str(captions) if captions else _label_file(Path(root))
+        self.root, self.split = Path(node["root"]), split
         self.dm = instantiate(node, _convert_="all")
-        self.split, self.extra = split, dict(extra or {})
-        self.index = self.dm.index()
+        self.ds = self.dm._dataset(split)
+        self.objects_of_row = torch.from_numpy(self.ds.index.object_index[self.ds.rows])
+        self.captions_of_row = [self.dm.vocab.captions[i] for i in self.ds.caption_ids]
+        self.name = f"`{self.root}` {self.ds.index.name}"
 
-    def train_counts(self) -> Counter:
-        return Counter(self.index["train" if "train" in self.index else self.split].captions)
+    def __len__(self) -> int:
+        return len(self.ds)
 
-    def rows(self, caption: str, limit: int, seed: int, split: str | None = None) -> torch.Tensor | None:
-        """Up to ``limit`` dataset rows (images) of the caption, drawn with ``seed``; None when there are none."""
-        if caption not in self.dm.vocab:
-            return None
-        ds = self.dm._dataset(split or self.split)
-        rows = (torch.as_tensor(ds.caption_ids) == self.dm.vocab.index(caption)).nonzero().flatten()
+    def _spread(self, rows: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+        """Up to ``k`` of ``rows``, one view of each object in a seeded random order before a second view of any."""
+        gen = torch.Generator().manual_seed(seed)
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        objects = self.objects_of_row[rows]
+        rank = torch.zeros(len(rows), dtype=torch.long)  # how many views of the same object come before this one
+        seen: Counter = Counter()
+        for i, o in enumerate(objects.tolist()):
+            rank[i], seen[o] = seen[o], seen[o] + 1
+        return rows[torch.argsort(rank, stable=True)][:k]
+
+    def caption_rows(self, caption: str) -> torch.Tensor:
+        return torch.tensor([i for i, c in enumerate(self.captions_of_row) if c == caption], dtype=torch.long)
+
+    def of(self, caption: str, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(images, object ids) of up to ``k`` views of ``caption``, spread over its objects; None without any."""
+        rows = self.caption_rows(caption)
         if len(rows) == 0:
             return None
-        return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]].sort().values
+        rows = self._spread(rows, k, seed)
+        return self.ds.float_images(rows), self.objects_of_row[rows]
 
-    def objects(self, rows: torch.Tensor, split: str | None = None) -> int:
-        """How many distinct objects the images at ``rows`` show."""
-        ds = self.dm._dataset(split or self.split)
-        return len(set(ds.index.object_index[ds.rows[rows.numpy()]].tolist()))
+    def matched(self, captions: list[str], k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(images, object ids): ``k`` real images of each caption, captions in order (None when a caption has
+        fewer than ``k``)."""
+        parts = [self.of(c, k, seed) for c in captions]
+        if any(p is None or len(p[0]) < k for p in parts):
+            return None
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def of(self, caption: str, limit: int, seed: int, split: str | None = None) -> torch.Tensor | None:
-        rows = self.rows(caption, limit, seed, split)
-        return None if rows is None else self.dm._dataset(split or self.split).float_images(rows)
+    def images(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ds.float_images(rows), self.objects_of_row[rows]
+
+    def mix(self, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, object ids): ``k`` images drawn from the whole split (the captions as they come), spread over
+        its objects."""
+        return self.images(self._spread(torch.arange(len(self.ds)), k, seed))
+
+    def halves(self, k: int, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        """Two (images, object ids) of up to ``k`` images from disjoint halves of the objects: what a perfect
+        sampler scores against the real images (the floor of every realism measure). None with fewer than 4
+        objects."""
+        objects = self.objects_of_row.unique()
+        if len(objects) < 4:
+            return None
+        order = objects[torch.randperm(len(objects), generator=torch.Generator().manual_seed(seed))]
+        first = torch.isin(self.objects_of_row, order[: len(order) // 2])
+        rows = torch.arange(len(self.ds))
+        a, b = self._spread(rows[first], k, seed), self._spread(rows[~first], k, seed + 1)
+        n = min(len(a), len(b))
+        return self.images(a[:n]), self.images(b[:n])
 
 
-def open_real(cfg: DictConfig, image_size: int) -> RealImages | None:
+def _label_file(root: Path) -> str:
+    for candidate in (root / "ground_truth.tsv", root / "cars_text"):
+        if candidate.exists():
+            return str(candidate)
+    raise ClipdiffError(f"real_root={root} has neither ground_truth.tsv nor cars_text/: give real_captions=FILE")
+
+
+def open_references(cfg: DictConfig, image_size: int) -> tuple[Reference | None, Reference | None]:
+    """(the unconditional mix: data.root's real_split, the per-caption reference: real_root's real_split); both None
+    without data.root, and the per-caption one is the mix itself without real_root."""
     root = Path(str(cfg.data.root))
     if not root.is_dir():
-        log.warning("data.root=%s does not exist: no FD/KID (give data.root=… for real images)", root)
-        return None
-    extra = None
-    if cfg.get("judge_split"):
-        folder = root / str(dict(cfg.data.splits).get(str(cfg.judge_split), ""))
-        if folder.is_dir() and folder != root:
-            extra = {"judge_split": str(cfg.judge_split)}
-        else:
-            log.warning("judge_split=%s: no split folder %s, so the judge is not checked on held-out real images "
-                        "(judge_split=null silences this)", cfg.judge_split, folder)
-    return RealImages(cfg.data, image_size, str(cfg.real_split), extra)
+        log.warning("data.root=%s does not exist: no realism measures and no ceiling (give data.root=…)", root)
+        return None, None
+    split = str(cfg.real_split)
+    mix = Reference(cfg.data, image_size, split)
+    if not cfg.get("real_root"):
+        return mix, mix
+    real_root = Path(str(cfg.real_root))
+    if not real_root.is_dir():
+        raise ClipdiffError(f"real_root={real_root} does not exist: render it (make demo's `heldout` stage) or drop it")
+    return mix, Reference(cfg.data, image_size, split, real_root, cfg.get("real_captions"))
 
 
-def judge_on_real(judge, real: RealImages, captions: list[str], n: int, split: str, resamples: int,
-                  seed: int) -> list[dict[str, Any]]:
-    """The judge on up to ``n`` held-out real images of each caption (``split``, which it never trained on): what
-    a sampler that drew real renders would score, the ceiling for the samples' judged accuracy. The last row
-    (``caption`` "all") averages the captions that have images there, each weighing the same, as in the sample rows."""
-    rows, hits_by_caption = [], {}
+def train_caption_counts(cfg: DictConfig) -> Counter:
+    """How many training objects each caption has in data.root (the labels the models trained on)."""
+    node = {**OmegaConf.to_container(cfg.data, resolve=True), "progress": False,
+            "splits": {"train": dict(cfg.data.splits)["train"]}}
+    index = instantiate(node, _convert_="all").index()["train"]
+    return Counter(index.captions)
+
+
+def judge_on_real(judge, real: Reference, captions: list[str], n: int, seed: int) -> list[dict[str, Any]]:
+    """The judge on up to ``n`` held-out real images of each caption, spread over its objects: what a sampler that
+    drew real renders would score, the ceiling for the samples' judged accuracy. Intervals are over objects (views
+    of one object are alike). The last row (``caption`` "all") pools every caption's images."""
+    from clipdiff.eval import report
+
+    rows, per_caption = [], []
     for caption in captions:
-        picked = real.rows(caption, n, seed, split=split)
-        images = None if picked is None else real.dm._dataset(split).float_images(picked)
-        row = {"caption": caption, "split": split, "n": 0 if images is None else len(images),
-               "objects": 0 if picked is None else real.objects(picked, split)}  # the objects actually scored
-        if images is not None:
-            hits_by_caption[caption] = judge.correct(images, torch.full((len(images),), judge.vocabulary.index(caption)))
-            row |= report.accuracy_columns(hits_by_caption[caption], resamples, seed)
+        got = real.of(caption, n, seed)
+        row = {"caption": caption, "split": real.name, "n": 0 if got is None else len(got[0]),
+               "objects": 0 if got is None else len(got[1].unique())}
+        if got is not None:
+            hits = judge.correct(got[0], torch.full((len(got[0]),), judge.vocabulary.index(caption)))
+            per_caption.append((hits, got[1]))
+            row |= report.cluster_accuracy_columns([(hits, got[1])])
         rows.append(row)
-    if hits_by_caption:
-        rows.append({"caption": "all", "split": split, "n": sum(r["n"] for r in rows),
+    if per_caption:
+        rows.append({"caption": "all", "split": real.name, "n": sum(r["n"] for r in rows),
                      "objects": sum(r["objects"] for r in rows),
-                     **report.macro_accuracy_columns(list(hits_by_caption.values()), resamples, seed)})
+                     **report.cluster_accuracy_columns(per_caption)})
     return rows
 
 
-def choose_captions(cfg: DictConfig, real: RealImages | None, judge_vocab: list[str]) -> tuple[list[str], str]:
+def choose_captions(cfg: DictConfig, counts: Counter | None, judge_vocab: list[str]) -> tuple[list[str], str]:
     if cfg.captions:
         captions, source = [str(c) for c in cfg.captions], "given"
-    elif real is not None:
-        counts = real.train_counts()
+    elif counts:
         captions = [c for c, _ in counts.most_common() if c in judge_vocab][: int(cfg.num_captions)]
         source = "the most frequent training labels"
     else:

@@ -40,7 +40,15 @@ def group_choice(group: str, *, _root_: DictConfig) -> str:
     return str(value)
 
 
+def seeded(path: str, seed) -> str:
+    """``${clipdiff_seeded:outputs/demo,${seed}}``: the path itself for seed 0, ``<path>_seed<N>`` for another seed,
+    so a seed sweep of the pipeline keeps the demo as its seed-0 member and gives every other seed its own workdir."""
+    return str(path) if int(seed) == 0 else f"{path}_seed{int(seed)}"
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("clipdiff_seeded"):
+        OmegaConf.register_new_resolver("clipdiff_seeded", seeded)
     if not OmegaConf.has_resolver("clipdiff_wandb_mode"):
         OmegaConf.register_new_resolver("clipdiff_wandb_mode", wandb_mode)
     if not OmegaConf.has_resolver("clipdiff_choice"):
