@@ -14,7 +14,9 @@ from tiny_guides import clip_export, ddpm_export, judge_export, noisy_clip_expor
 
 from clipdiff import evaluate
 from clipdiff.errors import ClipdiffError
-from clipdiff.eval.report import RESULT_COLUMNS, bootstrap_ci, slug
+from clipdiff.eval.report import RESULT_COLUMNS, SUMMARY_COLUMNS, slug
+from clipdiff.eval.stats import wilson
+from clipdiff.models.export import save_export
 
 CAPTIONS = ["a red car", "a green jeep/bus"]
 
@@ -32,17 +34,27 @@ def models(tmp_path_factory):
         "cars_train": {"a1": "a red car", "a2": "a red car", "a3": "a green jeep/bus", "a4": "a white car",
                        "a5": "a blue car", "a6": "a blue car"},
         "cars_val": {"b1": "a red car"},
-        "cars_test": {"c1": "a red car", "c2": "a red car", "c3": "a green jeep/bus"},  # held out: judge_split
+        "cars_test": {"c1": "a red car", "c2": "a red car", "c3": "a green jeep/bus"},  # held out: real_split
     }, views=3)
     return {"root": root, "ddpm": ddpm_export(tmp / "ddpm.pt"), "clip": clip_export(tmp / "clip.pt"),
-            "judge": judge_export(tmp / "judge.pt"), "noisy": noisy_clip_export(tmp / "noisy.pt"), "tmp": tmp}
+            "judge": judge_export(tmp / "judge.pt"), "noisy": noisy_clip_export(tmp / "noisy.pt"),
+            "realism": realism_export(tmp / "realism.pt"), "tmp": tmp}
+
+
+def realism_export(path: Path) -> Path:
+    """An untrained tiny realism net: a fixed feature space for the realism columns."""
+    from clipdiff.models.components.realism import RealismNet
+
+    torch.manual_seed(0)
+    net = RealismNet(image_size=8, widths=(4, 8), blocks=(1, 1), strides=(1, 2), stem_stride=1)
+    return save_export(path, "realism", config=dict(net.config), state_dict=net.state_dict(), image_size=8)
 
 
 def args(models, run_dir: Path, *extra: str) -> list[str]:
     return [f"ddpm_ckpt={models['ddpm']}", f"clip_ckpt={models['clip']}", f"noisy_clip_ckpt={models['noisy']}",
-            f"judge_ckpt={models['judge']}", f"data.root={models['root']}", "data.cache=false",
-"sampler.steps=4", "num_per_caption=3",
-            "progress=false", "bootstrap=200", f"paths.run_dir={run_dir}", *extra]
+            f"judge_ckpt={models['judge']}", f"realism_ckpt={models['realism']}", f"data.root={models['root']}",
+            "data.cache=false", "sampler.steps=4", "num_per_caption=3", "c2st.folds=2", "c2st.repeats=1",
+            "controls.num=4", "progress=false", f"paths.run_dir={run_dir}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +87,41 @@ def test_results_csv_has_one_row_per_method_caption_scale(evaluation):
         assert (r["guide_acc"] == "") == (r["method"] == "none")
 
 
+def test_summary_has_realism_refusal_paired_differences_and_a_default(evaluation):
+    """summary.csv's new columns: Wilson intervals of the pooled hits, realism in [0.5-ish, 1] for the two-sample
+    tests and finite in the realism space, refusals, the paired difference against unguided (its sample-by-sample
+    hit difference), is_default on at most one row per guided method and never on unguided."""
+    run_dir = evaluation["run_dir"]
+    summary = read_rows(run_dir / "summary.csv")
+    assert list(summary[0]) == SUMMARY_COLUMNS
+    none = next(r for r in summary if r["method"] == "none")
+    for r in summary:
+        n = int(r["n"])
+        _, lo, hi = wilson(round(float(r["acc_caption"]) * n), n)
+        assert (float(r["acc_caption_lo"]), float(r["acc_caption_hi"])) == pytest.approx((lo, hi), abs=1e-5)
+        assert 0.0 <= float(r["c2st_grey"]) <= 1.0 and 0.0 <= float(r["c2st_rgb"]) <= 1.0
+        assert float(r["fd_indep"]) >= 0.0 and 0.0 <= float(r["precision"]) <= 1.0 and 0 <= float(r["refused"]) <= 1
+        if r["method"] == "none":
+            assert r["d_caption"] == "" and r["is_default"] == "False"
+        else:
+            assert float(r["d_caption"]) == pytest.approx(float(r["acc_caption"]) - float(none["acc_caption"]), abs=1e-5)
+            assert float(r["d_caption_lo"]) <= float(r["d_caption"]) <= float(r["d_caption_hi"])
+    for method in ("clip", "noisy_clip"):
+        assert sum(r["is_default"] == "True" for r in summary if r["method"] == method) <= 1
+    steps = read_rows(run_dir / "steps.csv")
+    assert {(r["method"], float(r["scale"])) for r in steps} == {("clip", 4.0), ("noisy_clip", 1.0), ("noisy_clip", 4.0)}
+    assert all(float(r["eps_shift_rms"]) > 0 for r in steps)  # scale 0 pushes nothing and logs no step
+    controls = read_rows(run_dir / "controls.csv")
+    assert [r["set"] for r in controls][:4] == ["held-out real", "flat silhouette", "noise inside car", "noise whole image"]
+    assert controls[-1]["set"].startswith("over-guided (clip s=1000")
+    for name in ("front.png", "eps_change.png", "types.csv", "grids/controls.png"):  # (3 test objects: no floor)
+        assert (run_dir / name).is_file(), name
+
+
 def test_report_grids_plot_samples_and_wandb_on_disk(evaluation):
     run_dir = evaluation["run_dir"]
     report = (run_dir / "report.md").read_text()
-    assert "clip:" in report and "image tower" in report and "| noisy_clip | 4 |" in report
+    assert "clip:" in report and "realism net" in report and "| noisy_clip | 4 |" in report
     assert (run_dir / "summary.csv").is_file() and (run_dir / "accuracy_vs_scale.png").stat().st_size > 5000
     for name in ("none_s0", "clip_s0", "clip_s4", "noisy_clip_s1", "noisy_clip_s4"):
         grid = Image.open(run_dir / "grids" / f"{name}.png")
@@ -91,7 +134,7 @@ def test_report_grids_plot_samples_and_wandb_on_disk(evaluation):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert runs, "the wandb run is written (offline) into the run dir"
     records = next(runs[0].glob("run-*.wandb")).read_bytes()  # an offline run keeps its summary in this log
-    for key in (b"eval/noisy_clip/s4/acc_caption", b"eval/real_test/acc_caption", b"eval/judge_real"):
+    for key in (b"eval/noisy_clip/s4/acc_caption", b"eval/noisy_clip/s4/c2st_grey", b"eval/judge_real", b"eval/steps"):
         assert key in records, key
 
 
@@ -122,24 +165,14 @@ def test_default_captions_are_the_most_frequent_training_labels(models, tmp_path
     assert sorted(r["caption"] for r in result["rows"]) == ["a blue car", "a red car"]  # 2 objects each, others 1
 
 
-def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
-    small = torch.tensor([1, 0] * 5, dtype=torch.bool)
-    big = torch.tensor([1, 0] * 500, dtype=torch.bool)
-    m, lo, hi = bootstrap_ci(small, seed=0)
-    m2, lo2, hi2 = bootstrap_ci(big, seed=0)
-    assert m == m2 == 0.5 and lo < 0.5 < hi and hi2 - lo2 < (hi - lo) / 3
-    assert bootstrap_ci(small, seed=0) == (m, lo, hi)
-    # pooled over captions: each caption's samples are resampled on their own (all red right, all green wrong)
-    assert bootstrap_ci(torch.tensor([1, 1, 1, 0, 0, 0]), seed=0, groups=2) == (0.5, 0.5, 0.5)
-
-
 def test_judge_ceiling_on_held_out_real_images(evaluation, models, tmp_path):
-    """judge_real.csv: the judge scored on num_per_caption held-out (test) images of each caption, and the pooled
-    row; a judge that always answers 'a red car' scores 1 on red cars and 0 on the jeep, so the rows are per caption."""
+    """judge_real.csv: the judge scored on held-out (test) images of each caption, spread over the objects, and the
+    pooled row; a judge that always answers 'a red car' scores 1 on red cars and 0 on the jeep."""
     rows = read_rows(evaluation["run_dir"] / "judge_real.csv")
-    assert [(r["caption"], r["split"], r["n"], r["objects"]) for r in rows] == [
-        ("a red car", "test", "3", "2"), ("a green jeep/bus", "test", "3", "1"), ("all", "test", "6", "3")]
-    assert "## The judge on held-out real images (`test`" in (evaluation["run_dir"] / "report.md").read_text()
+    assert [(r["caption"], r["n"], r["objects"]) for r in rows] == [
+        ("a red car", "6", "2"), ("a green jeep/bus", "3", "1"), ("all", "9", "3")]
+    assert all(r["split"].endswith("cars_test") for r in rows)
+    assert "## The judge on held-out real renders" in (evaluation["run_dir"] / "report.md").read_text()
 
     from clipdiff.models.components.judge import load_judge
 
@@ -147,30 +180,23 @@ def test_judge_ceiling_on_held_out_real_images(evaluation, models, tmp_path):
     with torch.no_grad():
         judge.colour_net.head[-1].bias.fill_(-1e4)[judge.colour_names.index("red")] = 1e4
         judge.type_net.head[-1].bias.fill_(-1e4)[judge.type_names.index("car")] = 1e4
-    real = evaluate.open_real(compose_eval(args(models, tmp_path / "r")), 8)
-    out = evaluate.judge_on_real(judge, real, CAPTIONS, 3, "test", 200, 0)
+        judge.threshold.fill_(-1e9)  # refuses nothing: the colour and type answers are all that count here
+    _, real = evaluate.open_references(compose_eval(args(models, tmp_path / "r")), 8)
+    out = evaluate.judge_on_real(judge, real, CAPTIONS, 3, 0)
     assert [(r["caption"], r["acc_caption"], r["acc_colour"]) for r in out] == [
         ("a red car", 1.0, 1.0), ("a green jeep/bus", 0.0, 0.0), ("all", 0.5, 0.5)]
-    out = evaluate.judge_on_real(judge, real, [*CAPTIONS, "a blue car"], 3, "test", 200, 0)  # no blue test car
+    out = evaluate.judge_on_real(judge, real, [*CAPTIONS, "a blue car"], 3, 0)  # no blue test car
     assert [(r["caption"], r["n"], r.get("acc_caption")) for r in out] == [
         ("a red car", 3, 1.0), ("a green jeep/bus", 3, 0.0), ("a blue car", 0, None), ("all", 6, 0.5)]
+    assert out[-1]["acc_caption_lo"] < 0.5 < out[-1]["acc_caption_hi"]  # an interval over 3 objects, not 6 views
 
 
-def test_macro_bootstrap_weighs_each_stratum_the_same():
-    from clipdiff.eval.report import macro_bootstrap_ci
-
-    mean, lo, hi = macro_bootstrap_ci([np.ones(30), np.zeros(3)], resamples=500)
-    assert mean == 0.5 and lo == hi == 0.5  # constant strata: no spread, and 30 vs 3 images weigh the same
-    mean, lo, hi = macro_bootstrap_ci([np.r_[np.ones(10), np.zeros(10)], np.ones(5)], resamples=2000, seed=1)
-    assert mean == 0.75 and lo < 0.75 < hi and 0.6 < lo and hi < 0.9
-
-
-def test_missing_judge_split_is_a_warning_not_an_error(models, tmp_path, caplog):
+def test_missing_real_split_is_a_warning_not_an_error(models, tmp_path, caplog):
     cfg = compose_eval(args(models, tmp_path / "d", "data.splits.test=cars_nothing", 'captions=["a red car"]',
                             "methods=[none]", "wandb.enabled=false"))
     result = evaluate.run(cfg)
     assert result["ceiling"] == [] and not (tmp_path / "d" / "judge_real.csv").exists()
-    assert "judge_split=test: no split folder" in caplog.text and "judge_split=null silences this" in caplog.text
+    assert "real_split=test: no split folder" in caplog.text
 
 
 def test_options_and_guides_are_checked_before_the_first_sample(models, tmp_path, monkeypatch):
@@ -197,10 +223,10 @@ def test_judge_real_counts_the_objects_it_scored(models, tmp_path):
     """One image of each caption is one object scored, though the split holds two red cars."""
     from clipdiff.models.components.judge import load_judge
 
-    real = evaluate.open_real(compose_eval(args(models, tmp_path / "o")), 8)
-    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 1, "test", 50, 0)
+    _, real = evaluate.open_references(compose_eval(args(models, tmp_path / "o")), 8)
+    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 1, 0)
     assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
         ("a red car", 1, 1), ("a green jeep/bus", 1, 1), ("all", 2, 2)]
-    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 6, "test", 50, 0)
+    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 6, 0)
     assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
         ("a red car", 6, 2), ("a green jeep/bus", 3, 1), ("all", 9, 3)]

@@ -82,8 +82,8 @@ def rigged(tmp_path_factory):
     cfg = compose_config("evaluate", [
         f"ddpm_ckpt={ddpm_export(tmp / 'ddpm.pt')}", f"clip_ckpt={clip_export(tmp / 'clip.pt')}",
         f"noisy_clip_ckpt={noisy_clip_export(tmp / 'noisy.pt')}", "judge_ckpt=rigged", f"data.root={root}",
-        "data.cache=false", "sampler.steps=4", f"num_per_caption={N}", "progress=false", "bootstrap=50",
-        "judge_split=null", "wandb.enabled=false", "methods=[none,noisy_clip]", "scales=[5.0]",
+        "data.cache=false", "sampler.steps=4", f"num_per_caption={N}", "progress=false", "c2st.folds=2", "c2st.repeats=1", "controls.num=4", "controls.overguided_scale=0",
+        "real_split=train", "wandb.enabled=false", "methods=[none,noisy_clip]", "scales=[5.0]",
         f"captions={CAPTIONS}".replace("'", '"'), f"paths.run_dir={tmp / 'run'}"])
     try:
         result = evaluate.run(cfg)

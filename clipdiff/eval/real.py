@@ -118,6 +118,11 @@ def open_references(cfg: DictConfig, image_size: int) -> tuple[Reference | None,
         log.warning("data.root=%s does not exist: no realism measures and no ceiling (give data.root=…)", root)
         return None, None
     split = str(cfg.real_split)
+    folder = root / str(dict(cfg.data.splits).get(split, ""))
+    if split in cfg.data.splits and (folder == root or not folder.is_dir()):
+        log.warning("real_split=%s: no split folder %s, so no realism measures and no ceiling on held-out real "
+                    "renders (give a held-out split: real_split=…)", split, folder)
+        return None, None
     mix = Reference(cfg.data, image_size, split)
     if not cfg.get("real_root"):
         return mix, mix

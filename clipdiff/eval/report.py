@@ -304,7 +304,7 @@ def log_wandb(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], summary
             for r in ceiling:
                 if r["caption"] == "all":
                     for part in ACC:
-                        run.summary[f"eval/real_{r['split']}/acc_{part}"] = _w(r[f"acc_{part}"])
+                        run.summary[f"eval/real/acc_{part}"] = _w(r[f"acc_{part}"])
         for r in summary:
             for key in ("acc_caption", "acc_colour", "acc_type", "refused", "d_caption", "c2st_grey", "c2st_rgb",
                         "fd_indep", "precision", "recall", "guide_acc", "eps_change_rms", "sec_per_image"):
