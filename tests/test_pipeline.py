@@ -23,7 +23,10 @@ TINY = [
     "+stages.ddpm.args.trainer.max_steps=2", "+stages.ddpm.args.data.batch_size=8",
     "+stages.judge.args.trainer.max_steps=2", "+stages.judge.args.data.batch_size=8",
     "+stages.evaluate.args.sampler.steps=2", "stages.evaluate.args.num_per_caption=2",
-    "+stages.evaluate.args.num_captions=2", "+stages.evaluate.args.bootstrap=20", "+stages.evaluate.args.num_real=8",
+    "+stages.realism.args.trainer.max_steps=2", "+stages.realism.args.data.batch_size=8",
+    "stages.heldout.args.num_objects=12", "stages.heldout.args.views_per_object=2", "stages.heldout.args.image_size=32",
+    "+stages.evaluate.args.num_captions=2", "+stages.evaluate.args.num_real=8", "stages.evaluate.args.scales=[4]",
+    "+stages.evaluate.args.c2st.folds=2", "+stages.evaluate.args.c2st.repeats=1", "+stages.evaluate.args.controls.num=2",
     "+stages.evaluate.args.progress=false", "+stages.evaluate.args.wandb.enabled=false",
 ]
 

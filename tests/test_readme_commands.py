@@ -36,7 +36,7 @@ TINY = {
                        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"],
     "clipdiff.sample": ["num_samples=2", "batch_size=2", "sampler.steps=2", "progress=false"],
     "clipdiff.evaluate": ["data.cache=false", "sampler.steps=2", "num_per_caption=2", "num_captions=2", "num_real=4",
-                          "bootstrap=20", "progress=false", "wandb.enabled=false"],
+                          "c2st.folds=2", "c2st.repeats=1", "controls.num=2", "progress=false", "wandb.enabled=false"],
     "clipdiff.aggregate": [],
 }
 
