@@ -11,6 +11,8 @@ from clipdiff.diffusion.guidance import CleanClipGuide, NoisyClipGuide, clean_gr
 from clipdiff.diffusion.schedule import train_scheduler
 from clipdiff.models.components.judge import Judge
 
+VOCAB = ["a blue car", "a red car", "a red jeep/bus", "a white van"]
+
 PROMPT = "a purple truck"
 
 
@@ -22,18 +24,23 @@ def test_clip_and_judge_read_other_sizes_as_the_same_images_pre_resized():
     """Larger images are resized with antialiased bilinear interpolation, smaller ones with plain bilinear."""
     clf = tiny_clip()
     torch.manual_seed(0)
-    judge = Judge(4, image_size=SIZE, widths=[4], blocks=[1]).eval()
+    tiny = {"widths": [4], "blocks": [1], "strides": [1]}
+    judge = Judge(VOCAB, image_size=SIZE, type_net=tiny, colour_net=tiny).eval()
+
+    def read(x: torch.Tensor) -> torch.Tensor:  # both of the judge's nets: the grey type net and the colour net
+        return torch.cat([judge.type_net(x), judge.colour_net(x)], 1)
+
     big, small = images(4 * SIZE), images(SIZE // 2, 1)
     down = F.interpolate(big, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
     up = F.interpolate(small, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=False)
     with torch.no_grad():
         torch.testing.assert_close(clf.logits(big), clf.logits(down))
         torch.testing.assert_close(clf.logits(small), clf.logits(up))
-        torch.testing.assert_close(judge(big), judge(down))
+        torch.testing.assert_close(read(big), read(down))
         # the resizing matters: another interpolation reads differently
         nearest = F.interpolate(big, size=(SIZE, SIZE), mode="nearest")
         assert not torch.allclose(clf.logits(big), clf.logits(nearest), atol=1e-3)
-        assert not torch.allclose(judge(big), judge(nearest), atol=1e-3)
+        assert not torch.allclose(read(big), read(nearest), atol=1e-3)
 
 
 def test_free_text_prompts_guide_with_their_normalised_text_embedding():

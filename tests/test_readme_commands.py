@@ -170,7 +170,12 @@ def test_training_sweep_runs_lands_in_its_task_folder_and_shares_a_wandb_group(t
 
 
 def test_aggregate_turns_the_training_sweep_into_its_table(train_sweep, world):
-    (cmd,) = [c for c in readme_commands() if "clipdiff.aggregate sweep_dir=" in c]
+    commands = [c for c in readme_commands() if "clipdiff.aggregate sweep_dir=" in c]
+    (cmd,) = [c for c in commands if "spread_over" not in c]
+    # the seed-spread command aggregates the README's seed sweep (its spread is tested on a pipeline sweep in
+    # test_aggregate.py): it names the override that sweep varies
+    assert any("spread_over=seed" in c for c in commands)
+    assert any("clipdiff.pipeline -m seed=0,1,2" in c for c in readme_commands())
     module, args = fill(cmd, world, sweep_dir=train_sweep)
     done = run(module, args, world)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -46,7 +46,11 @@ class RealismMeasures:
         if self.space is None:
             return {"fd_indep": NAN, "kid_indep": NAN, "precision": NAN, "recall": NAN}
         fid = fd_kid(fake, real, self.space, seed=self.seed, device=self.device)
-        pr = precision_recall(self.features(real), self.features(fake))
+        try:
+            pr = precision_recall(self.features(real), self.features(fake))
+        except ClipdiffError as e:  # fewer images than k-NN radii need: no precision/recall for this row
+            log.warning("precision/recall left empty: %s", e)
+            pr = {"precision": NAN, "recall": NAN}
         return {"fd_indep": fid["fd"], "kid_indep": fid["kid"], "precision": pr["precision"], "recall": pr["recall"]}
 
     def __call__(self, fake: torch.Tensor, real: tuple[torch.Tensor, torch.Tensor],
