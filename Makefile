@@ -17,7 +17,7 @@ demo: $(STAMP)  ## the main job end to end on the built-in procedural car set
 	$(BIN)/python -m clipdiff.pipeline $(ARGS)
 
 seeds: $(STAMP)  ## the demo for training seeds 0, 1, 2 (same data), then mean ± std over them → outputs/aggregate/…/spread.md
-	$(BIN)/python -m clipdiff.pipeline -m seed=0,1,2 'workdir=$${paths.output_dir}/seeds/seed_$${seed}' $(ARGS)
+	$(BIN)/python -m clipdiff.pipeline -m seed=0,1,2 $(ARGS)
 	$(BIN)/python -m clipdiff.aggregate sweep_dir=$$(ls -d outputs/pipeline/multiruns/* | tail -n 1) spread_over=seed
 
 test: $(STAMP)  ## the whole test suite (CPU, ~10 minutes on 2 cores: 252 tests in 616 s on a fresh clone, 2026-12-01)
