@@ -22,19 +22,8 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.transforms.functional import rgb_to_grayscale
 
 from clipdiff.errors import ClipdiffError
+from clipdiff.models.components.small_resnet import resnet_stage
 from clipdiff.models.export import load_export
-
-
-def _stage(cin: int, width: int, blocks: int, stride: int) -> nn.Sequential:
-    layers = []
-    for j in range(blocks):
-        s = stride if j == 0 else 1
-        down = None
-        if s != 1 or cin != width:
-            down = nn.Sequential(nn.Conv2d(cin, width, 1, stride=s, bias=False), nn.BatchNorm2d(width))
-        layers.append(BasicBlock(cin, width, stride=s, downsample=down))
-        cin = width
-    return nn.Sequential(*layers)
 
 
 class RealismNet(nn.Module):
@@ -68,7 +57,7 @@ class RealismNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, stride=stem_stride, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         cins = [widths[0], *widths[:-1]]
-        self.stages = nn.ModuleList(_stage(c, w, n, s) for c, w, n, s in zip(cins, widths, blocks, strides))
+        self.stages = nn.ModuleList(resnet_stage(c, w, n, s) for c, w, n, s in zip(cins, widths, blocks, strides))
         self.head = nn.Linear(widths[-1], outputs)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

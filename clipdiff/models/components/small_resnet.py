@@ -27,6 +27,20 @@ def luminance(x01: torch.Tensor) -> torch.Tensor:
     return (x01 * w).sum(dim=1, keepdim=True)
 
 
+def resnet_stage(cin: int, width: int, blocks: int, stride: int) -> nn.Sequential:
+    """``blocks`` torchvision BasicBlocks from ``cin`` to ``width`` channels, the first with ``stride`` (and a 1×1
+    projection where the shape changes)."""
+    layers = []
+    for j in range(blocks):
+        s = stride if j == 0 else 1
+        down = None
+        if s != 1 or cin != width:
+            down = nn.Sequential(nn.Conv2d(cin, width, 1, stride=s, bias=False), nn.BatchNorm2d(width))
+        layers.append(BasicBlock(cin, width, stride=s, downsample=down))
+        cin = width
+    return nn.Sequential(*layers)
+
+
 class SmallResNet(nn.Module):
     """``forward(x01) -> logits``; ``features(x01)`` gives the pooled penultimate activations [B, widths[-1]]."""
 
@@ -55,15 +69,8 @@ class SmallResNet(nn.Module):
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages, cin = [], widths[0]
         for w, n, s in zip(widths, blocks, strides):
-            layers = []
-            for j in range(n):
-                stride = s if j == 0 else 1
-                down = None
-                if stride != 1 or cin != w:
-                    down = nn.Sequential(nn.Conv2d(cin, w, 1, stride=stride, bias=False), nn.BatchNorm2d(w))
-                layers.append(BasicBlock(cin, w, stride=stride, downsample=down))
-                cin = w
-            stages.append(nn.Sequential(*layers))
+            stages.append(resnet_stage(cin, w, n, s))
+            cin = w
         self.stages = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, num_classes))
