@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from clipdiff.eval.readme import END, START, main
+from clipdiff.eval.readme import END, SPREAD_END, SPREAD_START, START, main
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -83,6 +83,27 @@ def test_docs_folder_outside_the_readme_folder(tmp_path: Path):
     readme.write_text(f"{START}\n{END}\n")
     assert main([str(run), "--readme", str(readme), "--docs", str(tmp_path / "elsewhere")]) == 0
     assert '<img src="../elsewhere/noisy_clip.png"' in readme.read_text()
+
+
+def test_spread_block_comes_from_the_seed_sweeps_table(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    fake_run(run)
+    spread = tmp_path / "agg" / "spread.md"
+    spread.parent.mkdir()
+    spread.write_text("# Sweep outputs/pipeline/multiruns/x: mean ± sample std over seed (min–max in spread.csv)\n\n"
+                      "| method | scale | jobs | acc_caption |\n|---|---|---|---|\n| none | 0 | 3 | 0.110 ± 0.020 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\nmiddle\n{SPREAD_START}\nold spread\n{SPREAD_END}\nend\n")
+    assert main([str(run), "--readme", str(readme), "--docs", str(tmp_path / "docs"), "--spread", str(spread)]) == 0
+    text = readme.read_text()
+    assert "old spread" not in text and "middle\n" in text and text.endswith(f"{SPREAD_END}\nend\n")
+    assert "| none | 0 | 3 | 0.110 ± 0.020 |" in text and "mean ± sample std over seed" in text
+    # a missing spread file is one line naming it, and the README is left as it was
+    before = readme.read_text()
+    assert main([str(run), "--readme", str(readme), "--spread", str(tmp_path / "none.md")]) == 2
+    err = capsys.readouterr().err
+    assert "none.md does not exist: run `make seeds` first" in err and err.count("\n") == 1
+    assert readme.read_text() == before
 
 
 def test_no_tracked_file_holds_merge_conflict_markers():

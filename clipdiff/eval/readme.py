@@ -4,6 +4,10 @@ Replaces the block between ``<!-- demo-results:start -->`` and ``<!-- demo-resul
 the pooled table of the run's evaluation (``summary.csv``, accuracy beside realism), the judge's ceiling and
 controls, and copies the front plot and the grids of the unguided and each method's default setting to
 ``docs/demo/``, so the README shows what the command produced rather than pasted numbers.
+
+``--spread outputs/aggregate/<run>/spread.md`` (what ``make seeds`` ends with) also fills the block between
+``<!-- seed-spread:start -->`` and ``<!-- seed-spread:end -->`` with that table: every summary column's mean ± sample
+standard deviation over the training seeds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from clipdiff.eval import report
 from clipdiff.utils.io import atomic_open
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+SPREAD_START, SPREAD_END = "<!-- seed-spread:start -->", "<!-- seed-spread:end -->"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -113,22 +118,44 @@ def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
     ])
 
 
+def spread_block(spread_md: Path) -> str:
+    """The seed-spread table of ``clipdiff.aggregate … spread_over=seed`` with where it came from."""
+    if not spread_md.is_file():
+        raise ClipdiffError(f"{spread_md} does not exist: run `make seeds` first (it ends with "
+                            "`python -m clipdiff.aggregate … spread_over=seed`, which writes spread.md)")
+    lines = spread_md.read_text().splitlines()
+    title = lines[0].lstrip("# ") if lines and lines[0].startswith("#") else ""
+    table = [line for line in lines if line.startswith("|")]
+    if not table:
+        raise ClipdiffError(f"{spread_md} holds no table: give the spread.md of `clipdiff.aggregate … spread_over=seed`")
+    return "\n".join([f"Produced by `make seeds` (`python -m clipdiff.eval.readme --spread {spread_md}` copied it "
+                      f"here). {title}.", "", *table])
+
+
+def replace_block(text: str, start: str, end: str, block: str, readme: Path) -> str:
+    if start not in text or end not in text:
+        raise ClipdiffError(f"{readme} has no '{start}' … '{end}' block to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}\n{end}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", default="outputs/latest_demo", help="a pipeline run directory")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--docs", default="docs/demo")
+    ap.add_argument("--spread", default=None, help="spread.md of `make seeds`: fills the seed-spread block too")
     args = ap.parse_args(argv)
     try:
         readme = Path(args.readme)
         text = readme.read_text()
-        if START not in text or END not in text:
-            raise ClipdiffError(f"{readme} has no '{START}' … '{END}' block to fill")
         block = results_block(Path(args.run), Path(args.docs), readme.resolve().parent)
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
+        text = replace_block(text, START, END, block, readme)
+        if args.spread:
+            text = replace_block(text, SPREAD_START, SPREAD_END, spread_block(Path(args.spread)), readme)
         with atomic_open(readme, "w") as f:
-            f.write(f"{head}{START}\n{block}\n{END}{tail}")
+            f.write(text)
     except ClipdiffError as e:
         print(f"clipdiff: error: {e}", file=sys.stderr)
         return 2
