@@ -28,8 +28,10 @@ LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 
 
 
 def compose_train(root: Path, run_dir: Path, *overrides: str):
+    model = next((o for o in overrides if o.startswith("model=")), "model=ddpm")
+    overrides = tuple(o for o in overrides if o != model)
     return compose_config("train", [
-            "model=ddpm", f"data.root={root}", f"data.captions={root}/cars_text", "data.image_size=16",
+            model, f"data.root={root}", f"data.captions={root}/cars_text", "data.image_size=16",
             "data.batch_size=4", "data.eval_batch_size=4", "data.cache=false", "data.progress=false",
             f"paths.run_dir={run_dir}", "logger=csv", "trainer.enable_progress_bar=false",
             "model.num_sample_images=4", "model.sample_steps=2",
@@ -184,3 +186,20 @@ def test_wrong_image_size_is_one_clear_error():
     model = tiny_module()
     with pytest.raises(ClipdiffError, match="data.image_size=16"):
         model.training_step({"image": torch.rand(2, 3, 32, 32)}, 0)
+
+
+def test_unconditional_ddpm_trains_on_a_root_without_captions(flat_root, tmp_path):
+    """The unconditional DDPM reads no captions: it trains (one step) and exports on a root without ``cars_text``;
+    a model that needs captions stops there with the one-line caption-file error."""
+    import shutil
+
+    shutil.rmtree(flat_root / "cars_text")
+    cfg = compose_train(flat_root, tmp_path / "run", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                        "trainer.max_epochs=1", "model.sample_every_n_epochs=null")
+    metrics, objs = train(cfg)
+    assert objs["datamodule"].vocab is None and "caption" not in next(iter(objs["datamodule"].train_dataloader()))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"])) and (tmp_path / "run" / "export.pt").is_file()
+    for bad in (compose_config("train", ["model=clip", f"data.root={flat_root}", "data.cache=false", "logger=csv",
+                                         f"paths.run_dir={tmp_path / 'clip'}"]),):
+        with pytest.raises(ClipdiffError, match=r"^caption file .*cars_text/cars_train.tsv does not exist: run "):
+            train(bad)
