@@ -30,8 +30,8 @@ log = logging.getLogger("clipdiff.train")
 
 
 def uses_captions(model_cfg: DictConfig) -> bool:
-    """Whether the model group's module reads captions: it takes ``vocabulary`` (CLIP, noisy CLIP, judge). The others
-    (the DDPM, the realism net) train without a label file."""
+    """Whether the model group's module reads captions: it takes ``vocabulary`` (CLIP, noisy CLIP, judge, the
+    conditional DDPM). The others (the unconditional DDPM, the realism net) train without a label file."""
     from hydra.utils import get_class
 
     return "vocabulary" in inspect.signature(get_class(model_cfg._target_).__init__).parameters

@@ -9,6 +9,9 @@ Guidance contract — ``cond_fn(x_t, t, eps, index) -> eps``:
 - ``index`` int64 [B], which of the ``num_samples`` images this batch holds (for per-sample targets);
 - returns the modified eps, e.g. ``eps - s·sqrt(1-abar_t)·grad log p(y|x_t)`` (``abar`` from
   ``scheduler.alphas_cumprod``; :func:`clipdiff.diffusion.schedule.predict_x0` gives x0_hat).
+
+A conditional UNet (``num_class_embeds``, the conditional DDPM of ``model=ddpm_cond``) is called with
+``class_labels`` (one id per sample; by default its null id ``num_class_embeds − 1``, i.e. unconditional samples).
 """
 
 from __future__ import annotations
@@ -110,6 +113,26 @@ def step_options(scheduler, eta: float) -> dict[str, Any]:
     return {"eta": eta, "use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
 
 
+def null_label(unet: torch.nn.Module) -> int | None:
+    """The null id of a conditional UNet (the last class embedding, as ``model=ddpm_cond`` trains it), or None."""
+    n = getattr(unet.config, "num_class_embeds", None)
+    return int(n) - 1 if n else None
+
+
+def class_labels_for(unet: torch.nn.Module, num_samples: int, class_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Each sample's class id for the UNet: the given ids, the null id of a conditional UNet, None for an
+    unconditional one (ids for an unconditional UNet are one line of error)."""
+    null = null_label(unet)
+    if class_labels is None:
+        return None if null is None else torch.full((num_samples,), null, dtype=torch.long)
+    if null is None:
+        raise ClipdiffError("class labels were given but the DDPM is unconditional (train model=ddpm_cond)")
+    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+    if len(labels) != num_samples or labels.min() < 0 or labels.max() > null:
+        raise ClipdiffError(f"class labels: give {num_samples} ids in 0…{null} (got {len(labels)})")
+    return labels
+
+
 @torch.no_grad()
 def sample(
     unet: torch.nn.Module,
@@ -123,12 +146,14 @@ def sample(
     cond_fn: CondFn | None = None,
     eta: float = 0.0,
     progress: bool = True,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw ``num_samples`` images with ``scheduler`` (a DDIM/DDPM scheduler from
     :func:`clipdiff.diffusion.schedule.sampling_scheduler`); returns float [N, 3, H, W] in [0, 1] on the CPU.
 
     All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seed gives the same images for
-    the same ``batch_size`` on any device.
+    the same ``batch_size`` on any device. ``class_labels``: each sample's id for a conditional UNet (default: its
+    null id).
     """
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
@@ -139,14 +164,16 @@ def sample(
     abar = scheduler.alphas_cumprod
     step_kw = step_options(scheduler, eta)
     timesteps = check_timesteps(scheduler, steps)
+    labels = class_labels_for(unet, num_samples, class_labels)
     noise = torch.randn((num_samples, channels, size, size), generator=generator)
     out = []
     for start in range(0, num_samples, batch_size):
         x = noise[start : start + batch_size].to(device, dtype)
         index = torch.arange(start, start + x.shape[0], device=device)
+        kw = {} if labels is None else {"class_labels": labels[start : start + batch_size].to(device)}
         for t in tqdm(timesteps, desc=f"sampling {start + x.shape[0]}/{num_samples}", disable=not progress,
                       leave=False):
-            model_out = unet(x, t).sample
+            model_out = unet(x, t, **kw).sample
             if cond_fn is not None:
                 eps = to_eps(model_out, x, t, abar, pred_type)
                 model_out = model_out + eps_change_as_output(cond_fn(x, t, eps, index) - eps, t, abar, pred_type)
