@@ -209,9 +209,11 @@ def test_unconditional_ddpm_trains_on_a_root_without_captions(flat_root, tmp_pat
 
 
 def test_conditional_ddpm_trains_and_exports_its_vocabulary(flat_root, tmp_path):
-    """model=ddpm_cond: one training step, the best checkpoint reloaded (hyperparameters with the vocabulary) and an
-    export that carries the vocabulary and the null id."""
+    """model=ddpm_cond: one training step, the best checkpoint reloaded (hyperparameters with the vocabulary), an
+    export that carries the vocabulary and the null id, and a pipeline that offers cfg on it."""
     from clipdiff.models.ddpm_module import CondDdpmModule
+    from clipdiff.pipelines.guided import GuidedPipeline
+
     cfg = compose_train(flat_root, tmp_path / "run", "model=ddpm_cond", "model.p_uncond=0.2",
                         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.max_epochs=1",
                         "model.sample_every_n_epochs=null")
@@ -221,8 +223,10 @@ def test_conditional_ddpm_trains_and_exports_its_vocabulary(flat_root, tmp_path)
     export = torch.load(tmp_path / "run" / "export.pt", weights_only=False)
     assert export["vocabulary"] == vocab and export["null_id"] == len(vocab) == 4
     assert export["unet_config"]["num_class_embeds"] == len(vocab) + 1
-    unet, _, exported = load_ddpm(tmp_path / "run" / "export.pt", with_vocabulary=True)
-    assert exported == vocab and unet.config.num_class_embeds == len(vocab) + 1
+    pipe = GuidedPipeline.from_exports(tmp_path / "run" / "export.pt")
+    assert pipe.vocabulary == vocab and pipe.methods == ["none", "cfg"]
+    out = pipe("a red car", method="cfg", num_samples=2, sampler="ddim", steps=2)
+    assert out.images.shape == (2, 3, 16, 16) and out.captions == vocab
     grid = model.sample_images(3, steps=2)  # the sample grids: conditional, cycling through the captions
     assert grid.shape == (3, 3, 16, 16)
     with pytest.raises(ClipdiffError, match=r"^model\.unet\.num_class_embeds=3 but the data has 4 captions"):

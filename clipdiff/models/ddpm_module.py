@@ -10,7 +10,7 @@ The conditional DDPM (``model=ddpm_cond``, Ho & Salimans 2022, "Classifier-Free 
 embedding of the caption id to the UNet's timestep embedding (diffusers' ``num_class_embeds``: ids 0…K−1 are the
 captions of the DataModule's vocabulary, id K is the *null* condition). In training each sample's caption is
 replaced by the null id with probability ``p_uncond``, so one network learns eps(x_t, c) and eps(x_t, ∅); sampling
-then combines the two (classifier-free guidance). The export carries the vocabulary and the
+then combines the two (:class:`clipdiff.diffusion.guidance.CfgGuidance`). The export carries the vocabulary and the
 null id so prompts can be mapped to ids without the training data.
 """
 
