@@ -1,5 +1,7 @@
 """Evaluate guided sampling honestly: ``python -m clipdiff.evaluate ddpm_ckpt=… clip_ckpt=… noisy_clip_ckpt=…
-judge_ckpt=… realism_ckpt=… [real_root=…] [captions=[…]] num_per_caption=16 scales=[3,10,30] methods=[none,clip,noisy_clip]``.
+judge_ckpt=… realism_ckpt=… [real_root=…] [captions=[…]] num_per_caption=16 scales=[3,10,30] methods=[none,clip,noisy_clip]``;
+with a conditional DDPM (``model=ddpm_cond``) also ``cfg`` and ``cfg_noisy_clip`` (the other methods then sample on its
+null condition, from the same initial noise).
 
 For every method × scale one sampling call draws ``num_per_caption`` images of every caption from the same seed, so
 sample i of every row starts from the same noise (a pair). Nothing that scores a row was optimised against it:
@@ -72,7 +74,7 @@ def plan(cfg: DictConfig, pipe: GuidedPipeline, targets: list[str]) -> list[tupl
 
 def load(cfg: DictConfig, methods: list[str]) -> GuidedPipeline:
     """The DDPM, each guide a method needs and the clean CLIP (``clip_ckpt``, the FD/KID space), loaded once."""
-    kinds = {instantiate(cfg.guides[m]).kind for m in methods if m != "none"}
+    kinds = {instantiate(cfg.guides[m]).guide_kind for m in methods if m != "none"} - {None}  # cfg needs no guide
     paths = {kind: cfg.get(f"{kind}_ckpt") for kind in kinds}
     if cfg.clip_ckpt:
         paths["clip"] = cfg.clip_ckpt
@@ -215,11 +217,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if len({r["scale"] for r in summary if r["method"] != "none"}) > 1:
         plots["accuracy_vs_scale"] = report.plot_accuracy_vs_scale(summary, out_dir / "accuracy_vs_scale.png")
     plots = {k: v for k, v in plots.items() if v is not None}
-    guided = {m: job.guidance.kind for m, _, job in jobs if job.guidance is not None}
+    guided = {m: job.guidance.guide_kind for m, _, job in jobs if job.guidance is not None}
     info = {"ddpm_ckpt": cfg.ddpm_ckpt, "judge_ckpt": cfg.judge_ckpt, "seed": seed, "captions": captions,
             "captions_from": captions_from, "num_per_caption": n,
             "sampler": f"{sampler.name} ({sampler.steps} steps)",
-            "guides": "; ".join(f"{m}: `{cfg.get(kind + '_ckpt')}`" for m, kind in guided.items()) or "none",
+            "guides": "; ".join(f"{m}: `{cfg.get(kind + '_ckpt')}`" if kind else f"{m}: the conditional DDPM itself"
+                                for m, kind in guided.items()) or "none",
             "mix": mix.name if mix is not None else None, "by_caption": by_caption.name if by_caption else None,
             "realism": measures.name, "clip_space": clip_space.name, "floor": floor, "defaults": defaults,
             "default": OmegaConf.to_container(cfg.default), "types": types, "sanity_failures": sanity_failures}

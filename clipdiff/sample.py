@@ -1,6 +1,7 @@
 """Sample images from a trained DDPM: ``python -m clipdiff.sample ddpm_ckpt=RUN/export.pt sampler=ddim sampler.steps=50``.
 
-Guided: ``… guidance=noisy_clip|clip guide_ckpt=GUIDE/export.pt prompt="a red car" guidance.scale=4``. A thin caller
+Guided: ``… guidance=noisy_clip|clip guide_ckpt=GUIDE/export.pt prompt="a red car" guidance.scale=4``; with a
+conditional DDPM (``model=ddpm_cond``) also ``guidance=cfg`` (no guide_ckpt) and ``guidance=cfg_noisy_clip``. A thin caller
 of :class:`clipdiff.pipelines.guided.GuidedPipeline` (which loads and checks the exports; the guidance math is in
 :mod:`clipdiff.diffusion.guidance`). Writes ``grid.png``, ``samples/NNNNNN.png`` and ``sample.json`` (what was run)
 into this run's new directory.
@@ -40,15 +41,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = guidance.kind if guidance is not None else "none"
     prompt = cfg.get("prompt")
     if prompt is not None and guidance is None:
-        log.warning("prompt=%r is ignored: unguided sampling (guidance=clip or guidance=noisy_clip steers)", prompt)
+        log.warning("prompt=%r is ignored: unguided sampling (guidance=clip, noisy_clip, cfg or cfg_noisy_clip "
+                    "steers)", prompt)
     if guidance is not None:
         guidance.check("guidance")
-    pipe = GuidedPipeline.from_exports(cfg.ddpm_ckpt, {method: cfg.guide_ckpt} if guidance is not None else {},
-                                       device=str(cfg.device), keys={method: "guide_ckpt"})
+    kind = guidance.guide_kind if guidance is not None else None  # the guide model the method needs (cfg: none)
+    if kind is None and cfg.get("guide_ckpt") and guidance is not None:
+        log.warning("guide_ckpt is ignored: guidance=%s needs no guide model", method)
+    pipe = GuidedPipeline.from_exports(cfg.ddpm_ckpt, {kind: cfg.guide_ckpt} if kind is not None else {},
+                                       device=str(cfg.device), keys={kind: "guide_ckpt"} if kind else {})
     out = pipe(prompt if guidance is not None else None, guidance=guidance, num_samples=int(cfg.num_samples),
                sampler=sampler, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress))
     grid = save_samples(out.images, out_dir, nrow=int(cfg.grid_nrow))
-    info = {"ddpm_ckpt": str(cfg.ddpm_ckpt), "guide_ckpt": cfg.guide_ckpt if guidance is not None else None,
+    info = {"ddpm_ckpt": str(cfg.ddpm_ckpt), "guide_ckpt": cfg.guide_ckpt if kind is not None else None,
             **out.settings, "prompt": prompt, "num_samples": int(cfg.num_samples), "batch_size": int(cfg.batch_size),
             "seed": int(cfg.seed), "schedule": pipe.schedule, "grid": str(grid),
             "guide_acc": None if out.guide_logits is None else out.guide_correct().float().mean().item(),

@@ -29,17 +29,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("clipdiff.train")
 
 
+def uses_captions(model_cfg: DictConfig) -> bool:
+    """Whether the model group's module reads captions: it takes ``vocabulary`` (CLIP, noisy CLIP, judge, the
+    conditional DDPM). The others (the unconditional DDPM, the realism net) train without a label file."""
+    from hydra.utils import get_class
+
+    return "vocabulary" in inspect.signature(get_class(model_cfg._target_).__init__).parameters
+
+
 def build_model(model_cfg: DictConfig, datamodule) -> L.LightningModule:
     """Instantiate the model group; modules that take ``vocabulary`` get the DataModule's captions."""
     from hydra.errors import InstantiationException
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
     # resolve first: a detached copy could not follow interpolations into other groups (${data.image_size})
     args = OmegaConf.to_container(model_cfg, resolve=True)
     check_call_args(args, "model")
-    cls = get_class(model_cfg._target_)
     extra: dict[str, Any] = {}
-    if "vocabulary" in inspect.signature(cls.__init__).parameters:
+    if uses_captions(model_cfg):
         extra["vocabulary"] = datamodule.vocab.to_list()
     try:
         return instantiate(args, _convert_="all", **extra)
@@ -160,6 +167,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
+    if not uses_captions(cfg.model):
+        datamodule.without_captions()  # a root without cars_text is fine for a model that reads no captions
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg.model, datamodule)

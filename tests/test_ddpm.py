@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_config
+from tiny_guides import SIZE, VOCAB, tiny_cond_ddpm
 
 from clipdiff.diffusion.sampling import sample
 from clipdiff.diffusion.schedule import check_compatible, sampling_scheduler, train_scheduler
@@ -28,8 +30,10 @@ LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 
 
 
 def compose_train(root: Path, run_dir: Path, *overrides: str):
+    model = next((o for o in overrides if o.startswith("model=")), "model=ddpm")
+    overrides = tuple(o for o in overrides if o != model)
     return compose_config("train", [
-            "model=ddpm", f"data.root={root}", f"data.captions={root}/cars_text", "data.image_size=16",
+            model, f"data.root={root}", f"data.captions={root}/cars_text", "data.image_size=16",
             "data.batch_size=4", "data.eval_batch_size=4", "data.cache=false", "data.progress=false",
             f"paths.run_dir={run_dir}", "logger=csv", "trainer.enable_progress_bar=false",
             "model.num_sample_images=4", "model.sample_steps=2",
@@ -184,3 +188,76 @@ def test_wrong_image_size_is_one_clear_error():
     model = tiny_module()
     with pytest.raises(ClipdiffError, match="data.image_size=16"):
         model.training_step({"image": torch.rand(2, 3, 32, 32)}, 0)
+
+
+def test_unconditional_ddpm_trains_on_a_root_without_captions(flat_root, tmp_path):
+    """The unconditional DDPM reads no captions: it trains (one step) and exports on a root without ``cars_text``;
+    a model that needs captions stops there with the one-line caption-file error."""
+    import shutil
+
+    shutil.rmtree(flat_root / "cars_text")
+    cfg = compose_train(flat_root, tmp_path / "run", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                        "trainer.max_epochs=1", "model.sample_every_n_epochs=null")
+    metrics, objs = train(cfg)
+    assert objs["datamodule"].vocab is None and "caption" not in next(iter(objs["datamodule"].train_dataloader()))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"])) and (tmp_path / "run" / "export.pt").is_file()
+    for bad in (compose_train(flat_root, tmp_path / "cond", "model=ddpm_cond"),
+                compose_config("train", ["model=clip", f"data.root={flat_root}", "data.cache=false", "logger=csv",
+                                         f"paths.run_dir={tmp_path / 'clip'}"])):
+        with pytest.raises(ClipdiffError, match=r"^caption file .*cars_text/cars_train.tsv does not exist: run "):
+            train(bad)
+
+
+def test_conditional_ddpm_trains_and_exports_its_vocabulary(flat_root, tmp_path):
+    """model=ddpm_cond: one training step, the best checkpoint reloaded (hyperparameters with the vocabulary), an
+    export that carries the vocabulary and the null id, and a pipeline that offers cfg on it."""
+    from clipdiff.models.ddpm_module import CondDdpmModule
+    from clipdiff.pipelines.guided import GuidedPipeline
+
+    cfg = compose_train(flat_root, tmp_path / "run", "model=ddpm_cond", "model.p_uncond=0.2",
+                        "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.max_epochs=1",
+                        "model.sample_every_n_epochs=null")
+    _, objs = train(cfg)
+    model, vocab = objs["model"], objs["datamodule"].vocab.to_list()
+    assert isinstance(model, CondDdpmModule) and model.vocabulary == vocab and model.hparams.p_uncond == 0.2
+    export = torch.load(tmp_path / "run" / "export.pt", weights_only=False)
+    assert export["vocabulary"] == vocab and export["null_id"] == len(vocab) == 4
+    assert export["unet_config"]["num_class_embeds"] == len(vocab) + 1
+    pipe = GuidedPipeline.from_exports(tmp_path / "run" / "export.pt")
+    assert pipe.vocabulary == vocab and pipe.methods == ["none", "cfg"]
+    out = pipe("a red car", method="cfg", num_samples=2, sampler="ddim", steps=2)
+    assert out.images.shape == (2, 3, 16, 16) and out.captions == vocab
+    grid = model.sample_images(3, steps=2)  # the sample grids: conditional, cycling through the captions
+    assert grid.shape == (3, 3, 16, 16)
+    with pytest.raises(ClipdiffError, match=r"^model\.unet\.num_class_embeds=3 but the data has 4 captions"):
+        train(compose_train(flat_root, tmp_path / "bad", "model=ddpm_cond", "+model.unet.num_class_embeds=3"))
+
+
+def test_condition_dropout_in_training_batches_matches_p_uncond():
+    """Each training sample's caption is replaced by the null id with probability p_uncond (seeded), independently
+    per sample; the kept ones are the batch's captions."""
+    captions = torch.arange(64) % len(VOCAB)
+    batch = {"image": torch.rand(64, 3, SIZE, SIZE), "caption": captions}
+
+    def labels_seen(p: float, seed: int = 0, steps: int = 50) -> torch.Tensor:
+        model = tiny_cond_ddpm(p_uncond=p)
+        seen = []
+        model.diffusion_loss = lambda net, x0, noise, t, labels=None: (seen.append(labels), torch.zeros(()))[1]
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a Trainer
+            for i in range(steps):
+                model.training_step(batch, i)
+        return torch.stack(seen)
+
+    null = len(VOCAB)
+    got = labels_seen(0.2)
+    dropped = got == null
+    assert abs(dropped.float().mean().item() - 0.2) < 0.03  # 3200 draws: sd 0.007
+    assert torch.equal(got[~dropped], captions.expand_as(got)[~dropped])
+    assert ((dropped.sum(1) > 0) & (dropped.sum(1) < 64)).all()  # per sample, not per batch
+    assert torch.equal(got, labels_seen(0.2))  # the same seed: the same drops
+    assert not torch.equal(got, labels_seen(0.2, seed=1))
+    assert (labels_seen(0.0, steps=5) != null).all() and (labels_seen(1.0, steps=5) == null).all()
+    with pytest.raises(ClipdiffError, match=r"^model\.p_uncond=1\.5 must be a number in \[0, 1\]"):
+        tiny_cond_ddpm(p_uncond=1.5)

@@ -230,3 +230,40 @@ def test_judge_real_counts_the_objects_it_scored(models, tmp_path):
     out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 6, 0)
     assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
         ("a red car", 6, 2), ("a green jeep/bus", 3, 1), ("all", 9, 3)]
+
+
+def test_cfg_rows_with_a_conditional_ddpm(models, tmp_path, monkeypatch):
+    """methods cfg and cfg_noisy_clip (a conditional DDPM): rows at their own scales in results/summary/steps and the
+    front plot, from the initial noise of the unguided row (cfg at w = 0 draws its images exactly); with an
+    unconditional DDPM, asking for cfg is one line before anything is sampled."""
+    from tiny_guides import cond_ddpm_export
+
+    cond = cond_ddpm_export(models["tmp"] / "cond.pt")
+    run_dir = tmp_path / "cfg"
+    extra = ["methods=[none,cfg,cfg_noisy_clip]", "method_scales.cfg=[0.0,2.0]", "method_scales.cfg_noisy_clip=[4.0]",
+             f"captions={CAPTIONS}".replace("'", '"'), "wandb.enabled=false", "controls.overguided_scale=0"]
+    overrides = [a if not a.startswith("ddpm_ckpt=") else f"ddpm_ckpt={cond}" for a in args(models, run_dir, *extra)]
+    result = evaluate.run(compose_eval(overrides))
+    summary = read_rows(run_dir / "summary.csv")
+    assert [(r["method"], float(r["scale"])) for r in summary] == [("none", 0.0), ("cfg", 0.0), ("cfg", 2.0),
+                                                                  ("cfg_noisy_clip", 4.0)]
+    rows = read_rows(run_dir / "results.csv")
+    assert sorted((r["method"], float(r["scale"])) for r in rows) == sorted(
+        (m, s) for m, s in [("none", 0.0), ("cfg", 0.0), ("cfg", 2.0), ("cfg_noisy_clip", 4.0)] for _ in CAPTIONS)
+    assert all((r["guide_acc"] == "") == (r["method"] in ("none", "cfg")) for r in rows)  # cfg has no guide model
+    steps = read_rows(run_dir / "steps.csv")
+    assert {(r["method"], float(r["scale"])) for r in steps} >= {("cfg", 2.0), ("cfg_noisy_clip", 4.0)}
+    assert all(float(r["eps_shift_rms"]) > 0 for r in steps if float(r["scale"]) > 0)
+    samples = run_dir / "samples"
+
+    def pngs(method, scale):
+        return [np.asarray(Image.open(p)) for p in sorted((samples / method / scale).rglob("*.png"))]
+
+    none, w0, w2 = pngs("none", "0"), pngs("cfg", "0"), pngs("cfg", "2")
+    assert len(none) == 6 and all((a == b).all() for a, b in zip(none, w0))
+    assert any((a != b).any() for a, b in zip(none, w2))
+    assert (run_dir / "front.png").is_file() and "| cfg | 2 |" in result["report"].read_text()
+
+    with pytest.raises(ClipdiffError, match=r"^method='cfg' needs a conditional DDPM .*: ddpm_ckpt is unconditional$"):
+        monkeypatch.setattr(evaluate.GuidedPipeline, "draw", lambda *a, **k: pytest.fail("sampled before the check"))
+        evaluate.run(compose_eval(args(models, tmp_path / "u", "methods=[none,cfg]", "wandb.enabled=false")))

@@ -10,7 +10,7 @@ from torch import nn
 
 from clipdiff.models.components.clip import ClipClassifier, model_from_config, tokenizer_for
 from clipdiff.models.components.judge import Judge
-from clipdiff.models.ddpm_module import DdpmModule
+from clipdiff.models.ddpm_module import CondDdpmModule, DdpmModule
 
 SIZE = 8
 LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
@@ -23,11 +23,24 @@ CLIP_CFG = {"embed_dim": 16,
                          "mlp_ratio": 2.0}}
 
 
+TINY_UNET = {"block_out_channels": [8, 8], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "layers_per_block": 1}
+
+
 def ddpm_export(path: Path, schedule: dict | None = None) -> Path:
     torch.manual_seed(0)
-    unet = {"block_out_channels": [8, 8], "down_block_types": ["DownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "layers_per_block": 1}
-    return DdpmModule(unet=unet, diffusion=schedule or LINEAR, image_size=SIZE).export(path)
+    return DdpmModule(unet=dict(TINY_UNET), diffusion=schedule or LINEAR, image_size=SIZE).export(path)
+
+
+def tiny_cond_ddpm(schedule: dict | None = None, vocabulary=VOCAB, p_uncond: float = 0.1) -> CondDdpmModule:
+    """The conditional DDPM (untrained; its caption embeddings are random, so eps_cond differs from eps_null)."""
+    torch.manual_seed(0)
+    return CondDdpmModule(unet=dict(TINY_UNET), diffusion=schedule or LINEAR, vocabulary=list(vocabulary),
+                          p_uncond=p_uncond, image_size=SIZE)
+
+
+def cond_ddpm_export(path: Path, schedule: dict | None = None) -> Path:
+    return tiny_cond_ddpm(schedule).export(path)
 
 
 def tiny_clip(vocabulary=VOCAB) -> ClipClassifier:

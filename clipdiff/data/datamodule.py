@@ -3,7 +3,8 @@
 A batch is a dict::
 
     image    uint8 [B, 3, H, W] in 0..255 from the loaders; float32 in [0, 1] once on the training device
-    caption  int64 [B]  caption id in :attr:`CarsDataModule.vocab`
+    caption  int64 [B]  caption id in :attr:`CarsDataModule.vocab` (absent when the captions are not read:
+                     :meth:`CarsDataModule.without_captions`, for models that do not use them)
     object   int64 [B]  object index within the split
     view     int64 [B]  view index within the object's (selected) views
     pose     float32 [B, 3]  unit camera direction (:mod:`clipdiff.data.poses`): only when poses are requested
@@ -50,37 +51,39 @@ class SplitIndex:
 
     name: str
     objects: list[SrnObject]
-    captions: list[str]  # per object
+    captions: list[str] | None  # per object (None: captions not read)
     paths: list[Path]  # per image
     object_index: np.ndarray  # per image
     view_index: np.ndarray  # per image
 
     @classmethod
-    def build(cls, name: str, objects: list[SrnObject], captions: dict[str, str]) -> SplitIndex:
+    def build(cls, name: str, objects: list[SrnObject], captions: dict[str, str] | None) -> SplitIndex:
         paths, obj, view = [], [], []
         for i, o in enumerate(objects):
             paths += o.views
             obj += [i] * len(o.views)
             view += range(len(o.views))
-        return cls(name, objects, [captions[o.object_id] for o in objects], paths,
+        return cls(name, objects, None if captions is None else [captions[o.object_id] for o in objects], paths,
                    np.asarray(obj, dtype=np.int64), np.asarray(view, dtype=np.int64))
 
 
 class CarsImages(Dataset):
     """Images of one split, read from the packed cache (default) or decoded from the PNG files."""
 
-    def __init__(self, index: SplitIndex, vocab: Vocabulary, image_size: int, cache_dir: str | Path | None,
+    def __init__(self, index: SplitIndex, vocab: Vocabulary | None, image_size: int, cache_dir: str | Path | None,
                  progress: bool = True):
         self.index = index
         self.image_size = image_size
-        self.object_caption = np.asarray([vocab.index(c) for c in index.captions], dtype=np.int64)
+        self.object_caption = (None if index.captions is None or vocab is None else
+                               np.asarray([vocab.index(c) for c in index.captions], dtype=np.int64))
         self.packed = None
         keep = np.arange(len(index.paths))
         if cache_dir is not None:
             self.packed = PackedImages(index.paths, image_size, cache_dir, name=index.name, progress=progress)
             keep = np.flatnonzero(self.packed.valid)
         self.rows = keep
-        self.caption_ids = self.object_caption[index.object_index[keep]]
+        # None when the captions were not read (batches then carry no ``caption``)
+        self.caption_ids = None if self.object_caption is None else self.object_caption[index.object_index[keep]]
         self.poses: np.ndarray | None = None  # float32 [N paths, 3] unit camera directions, once loaded
 
     def load_poses(self, cache_dir: str | Path | None) -> None:
@@ -105,12 +108,11 @@ class CarsImages(Dataset):
             arr = self.packed.images[rows]
         else:
             arr = np.stack([load_image(self.index.paths[r], self.image_size).transpose(2, 0, 1) for r in rows])
-        batch = {
-            "image": torch.from_numpy(arr),
-            "caption": torch.from_numpy(self.caption_ids[idx]),
-            "object": torch.from_numpy(self.index.object_index[rows]),
-            "view": torch.from_numpy(self.index.view_index[rows]),
-        }
+        batch = {"image": torch.from_numpy(arr)}
+        if self.caption_ids is not None:
+            batch["caption"] = torch.from_numpy(self.caption_ids[idx])
+        batch |= {"object": torch.from_numpy(self.index.object_index[rows]),
+                  "view": torch.from_numpy(self.index.view_index[rows])}
         if self.poses is not None:
             batch["pose"] = torch.from_numpy(self.poses[rows])
         return batch
@@ -164,6 +166,15 @@ class CarsDataModule(L.LightningDataModule):
         self.indices: dict[str, SplitIndex] = {}
         self.datasets: dict[str, CarsImages] = {}
         self.poses = bool(poses)
+        self.read_captions = True
+
+    def without_captions(self) -> None:
+        """Do not read the label files (a model that does not use captions, e.g. the unconditional DDPM, calls this
+        through ``clipdiff.train`` before anything is indexed): batches carry no ``caption`` and :attr:`vocab` stays
+        None, so such a model trains on a root without ``cars_text``. The images and their order are unchanged."""
+        if self.indices:
+            raise RuntimeError("without_captions() must be called before the data is indexed")
+        self.read_captions = False
 
     def request_poses(self) -> None:
         """From now on every batch of every split carries ``pose`` (a model that needs camera poses calls this in its
@@ -186,6 +197,13 @@ class CarsDataModule(L.LightningDataModule):
             for stage, split in self.splits.items():
                 views = hp.views_per_object if stage == "train" else (hp.eval_views_per_object or hp.views_per_object)
                 objects[stage] = scan_split(root, split, views)
+            if not self.read_captions:
+                if hp.sampler == "distinct_caption":
+                    raise ClipdiffError("data.sampler=distinct_caption groups batches by caption, but this model reads "
+                                        "no captions: use data.sampler=random")
+                log.info("the captions are not read: this model does not use them")
+                self.indices = {s: SplitIndex.build(self.splits[s], objs, None) for s, objs in objects.items()}
+                return self.indices
             labels = load_split_labels(
                 self.captions_path, {self.splits[s]: [o.object_id for o in objs] for s, objs in objects.items()}
             )
@@ -260,7 +278,10 @@ class CarsDataModule(L.LightningDataModule):
 
     def caption_counts(self, num_classes: int, stage: str = "train") -> torch.Tensor:
         """Images per caption id in ``stage`` (int64 [num_classes]), e.g. for class weights or a caption prior."""
-        ids = torch.as_tensor(self._dataset(stage).caption_ids, dtype=torch.long)
+        ds = self._dataset(stage)
+        if ds.caption_ids is None:
+            raise ClipdiffError("caption counts asked of a DataModule that reads no captions (without_captions)")
+        ids = torch.as_tensor(ds.caption_ids, dtype=torch.long)
         return torch.bincount(ids, minlength=num_classes)
 
     # -- reporting ---------------------------------------------------------------------------------------------
@@ -268,8 +289,8 @@ class CarsDataModule(L.LightningDataModule):
         """Objects, images and caption counts per split."""
         out: dict[str, Any] = {"vocabulary": len(self.vocab) if self.vocab else None}
         for stage, idx in self.index().items():
-            counts = Counter(idx.captions)
+            counts = Counter(idx.captions or [])
             out[stage] = {"split": idx.name, "objects": len(idx.objects), "images": len(idx.paths),
                           "captions": dict(counts.most_common())}
-        out["vocabulary"] = len(self.vocab)
+        out["vocabulary"] = len(self.vocab) if self.vocab else None
         return out

@@ -9,6 +9,17 @@ Guidance contract — ``cond_fn(x_t, t, eps, index) -> eps``:
 - ``index`` int64 [B], which of the ``num_samples`` images this batch holds (for per-sample targets);
 - returns the modified eps, e.g. ``eps - s·sqrt(1-abar_t)·grad log p(y|x_t)`` (``abar`` from
   ``scheduler.alphas_cumprod``; :func:`clipdiff.diffusion.schedule.predict_x0` gives x0_hat).
+
+A cond_fn may also have ``output(x_t, t, model_output, index) -> model_output``: the loop applies it first, in the
+model's own output space (v or eps), then the eps stage above. A conditional UNet (``num_class_embeds``, the
+conditional DDPM of ``model=ddpm_cond``) is called with ``class_labels`` (one id per sample; by default its null id
+``num_class_embeds − 1``, i.e. unconditional samples); classifier-free guidance is a cond_fn whose ``output`` calls it
+once more with the captions' ids (:class:`clipdiff.diffusion.guidance.CfgEps`).
+
+``recurrence`` k > 1 is universal guidance's self-recurrence (Bansal et al. 2023, "Universal Guidance for Diffusion
+Models", Alg. 1): after a guided step x_t → x_{t'} (t' the next timestep) x_t is drawn again from
+q(x_t | x_{t'}) = N(sqrt(ā_t/ā_{t'})·x_{t'}, (1 − ā_t/ā_{t'})·I) with fresh noise and the step is repeated, k steps in
+all; k = 1 is the plain loop (no extra draw from the generator).
 """
 
 from __future__ import annotations
@@ -110,6 +121,44 @@ def step_options(scheduler, eta: float) -> dict[str, Any]:
     return {"eta": eta, "use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
 
 
+def null_label(unet: torch.nn.Module) -> int | None:
+    """The null id of a conditional UNet (the last class embedding, as ``model=ddpm_cond`` trains it), or None."""
+    n = getattr(unet.config, "num_class_embeds", None)
+    return int(n) - 1 if n else None
+
+
+def class_labels_for(unet: torch.nn.Module, num_samples: int, class_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Each sample's class id for the UNet: the given ids, the null id of a conditional UNet, None for an
+    unconditional one (ids for an unconditional UNet are one line of error)."""
+    null = null_label(unet)
+    if class_labels is None:
+        return None if null is None else torch.full((num_samples,), null, dtype=torch.long)
+    if null is None:
+        raise ClipdiffError("class labels were given but the DDPM is unconditional (train model=ddpm_cond)")
+    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+    if len(labels) != num_samples or labels.min() < 0 or labels.max() > null:
+        raise ClipdiffError(f"class labels: give {num_samples} ids in 0…{null} (got {len(labels)})")
+    return labels
+
+
+def previous_abar(scheduler, t: int) -> torch.Tensor:
+    """ā of the timestep a step from ``t`` lands on, as the scheduler's own ``step`` takes it (DDIM: t − T // steps,
+    ``final_alpha_cumprod`` past 0; DDPM: ``previous_timestep``, 1 past 0)."""
+    if isinstance(scheduler, DDIMScheduler):
+        prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return scheduler.alphas_cumprod[prev] if prev >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod)
+    prev = int(scheduler.previous_timestep(int(t)))
+    return scheduler.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+
+
+def renoise(x_prev: torch.Tensor, scheduler, t: int, generator: torch.Generator) -> torch.Tensor:
+    """x_t ~ q(x_t | x_{t'}) from the result x_{t'} of a step from ``t`` (self-recurrence): sqrt(ā_t/ā_{t'})·x_{t'} +
+    sqrt(1 − ā_t/ā_{t'})·ε, with ε from ``generator`` (CPU) and ā the cumulative products."""
+    ratio = (scheduler.alphas_cumprod[int(t)].double() / previous_abar(scheduler, t).double()).clamp(0.0, 1.0)
+    eps = torch.randn(x_prev.shape, generator=generator).to(x_prev.device, x_prev.dtype)
+    return (ratio.sqrt().item() * x_prev + (1.0 - ratio).sqrt().item() * eps).to(x_prev.dtype)
+
+
 @torch.no_grad()
 def sample(
     unet: torch.nn.Module,
@@ -123,12 +172,15 @@ def sample(
     cond_fn: CondFn | None = None,
     eta: float = 0.0,
     progress: bool = True,
+    class_labels: torch.Tensor | None = None,
+    recurrence: int | Callable[[int], int] = 1,
 ) -> torch.Tensor:
     """Draw ``num_samples`` images with ``scheduler`` (a DDIM/DDPM scheduler from
     :func:`clipdiff.diffusion.schedule.sampling_scheduler`); returns float [N, 3, H, W] in [0, 1] on the CPU.
 
     All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seed gives the same images for
-    the same ``batch_size`` on any device.
+    the same ``batch_size`` on any device. ``class_labels``: each sample's id for a conditional UNet (default: its
+    null id). ``recurrence``: steps per timestep (self-recurrence, see the module doc), or a function of t.
     """
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
@@ -139,18 +191,29 @@ def sample(
     abar = scheduler.alphas_cumprod
     step_kw = step_options(scheduler, eta)
     timesteps = check_timesteps(scheduler, steps)
+    labels = class_labels_for(unet, num_samples, class_labels)
+    output_fn = getattr(cond_fn, "output", None)  # a stage in the model's output space (classifier-free guidance)
     noise = torch.randn((num_samples, channels, size, size), generator=generator)
     out = []
     for start in range(0, num_samples, batch_size):
         x = noise[start : start + batch_size].to(device, dtype)
         index = torch.arange(start, start + x.shape[0], device=device)
+        kw = {} if labels is None else {"class_labels": labels[start : start + batch_size].to(device)}
         for t in tqdm(timesteps, desc=f"sampling {start + x.shape[0]}/{num_samples}", disable=not progress,
                       leave=False):
-            model_out = unet(x, t).sample
-            if cond_fn is not None:
-                eps = to_eps(model_out, x, t, abar, pred_type)
-                model_out = model_out + eps_change_as_output(cond_fn(x, t, eps, index) - eps, t, abar, pred_type)
-            x = scheduler.step(model_out, t, x, generator=generator, **step_kw).prev_sample
+            repeats = int(recurrence(t) if callable(recurrence) else recurrence)
+            x_prev = x
+            for r in range(max(repeats, 1)):
+                if r:  # self-recurrence: x_t again from the step's result, with fresh noise
+                    x = renoise(x_prev, scheduler, t, generator)
+                model_out = unet(x, t, **kw).sample
+                if output_fn is not None:
+                    model_out = output_fn(x, t, model_out, index)
+                if cond_fn is not None:
+                    eps = to_eps(model_out, x, t, abar, pred_type)
+                    model_out = model_out + eps_change_as_output(cond_fn(x, t, eps, index) - eps, t, abar, pred_type)
+                x_prev = scheduler.step(model_out, t, x, generator=generator, **step_kw).prev_sample
+            x = x_prev
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
 

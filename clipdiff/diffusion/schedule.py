@@ -112,6 +112,15 @@ def eps_change_as_output(delta: torch.Tensor, t: int | torch.Tensor, alphas_cump
     return delta / _abar(alphas_cumprod, t, delta).sqrt()
 
 
+def output_change_as_eps(delta: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor,
+                         prediction_type: str) -> torch.Tensor:
+    """A change of the model's output as the same change of the predicted noise (the inverse of
+    :func:`eps_change_as_output`: d eps = sqrt(abar)·dv for v-prediction)."""
+    if prediction_type == "epsilon":
+        return delta
+    return delta * _abar(alphas_cumprod, t, delta).sqrt()
+
+
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x0_hat = (x_t - sqrt(1-abar)·eps) / sqrt(abar), differentiable in x_t and eps (images in [-1, 1])."""
     abar = _abar(alphas_cumprod, t, x_t)

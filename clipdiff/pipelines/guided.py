@@ -6,6 +6,9 @@
     out.images                 # float [4, 3, H, W] in [0, 1]; out.pil() for PIL images
 
 ``guides`` maps a guide kind (``clip``: a clean CLIP export, ``noisy_clip``: a noisy CLIP export) to its export.
+A conditional DDPM export (``model=ddpm_cond``) brings its caption vocabulary and adds the methods ``cfg``
+(classifier-free guidance, no guide) and ``cfg_noisy_clip`` (with a noisy CLIP); the other methods then sample on
+its null condition. ``cfg`` with an unconditional DDPM is one line of error.
 Loading checks each export's kind and, against the DDPM, the noise schedule and image size of a noisy CLIP: one
 ClipdiffError line each, naming the config key the path came from (``keys``). A call checks the option values and
 the prompts before the first step (:meth:`prepare`), then samples (:meth:`draw`): the same seed, settings and batch
@@ -24,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipdiff.diffusion.guidance import GUIDANCE, Guidance, GuidedEps, text_encoder
-from clipdiff.diffusion.sampling import Sampler, sample
+from clipdiff.diffusion.guidance import GUIDANCE, GUIDE_KINDS, CfgEps, Guidance, GuidedEps, text_encoder
+from clipdiff.diffusion.sampling import Sampler, null_label, sample
 from clipdiff.diffusion.schedule import check_compatible
 from clipdiff.errors import ClipdiffError
 from clipdiff.models.components.clip import load_clip
@@ -56,7 +59,7 @@ class GuidedOutput:
     images: torch.Tensor
     method: str
     prompts: list[str] | None  # each sample's caption as matched (a vocabulary caption or normalised free text)
-    captions: list[str]  # the guide's captions: its vocabulary, then free-text prompts ([] unguided)
+    captions: list[str]  # the guide's captions: its vocabulary, then free-text prompts ([] unguided; cfg: the DDPM's)
     targets: torch.Tensor | None  # each sample's id into ``captions``
     guide_logits: torch.Tensor | None  # [N, len(captions)]: the guide's own reading of the finished samples
     steps: list[dict[str, float]]  # per guided step: t, score, gradient RMS, eps shift RMS (GuidedEps.record)
@@ -87,7 +90,7 @@ class Prepared:
     sampler: Sampler
     scheduler: Any
     guidance: Guidance | None
-    cond: GuidedEps | None
+    cond: GuidedEps | CfgEps | None
     prompts: list[str] | None
     captions: list[str]
     seed: int
@@ -95,13 +98,21 @@ class Prepared:
 
 
 class GuidedPipeline:
-    """A DDPM (``unet`` + its training ``schedule``) and loaded guide models by kind; see the module doc."""
+    """A DDPM (``unet`` + its training ``schedule``; ``vocabulary``: a conditional DDPM's captions, id i = caption i)
+    and loaded guide models by kind; see the module doc."""
 
     def __init__(self, unet: nn.Module, schedule: Mapping[str, Any], guides: Mapping[str, nn.Module] | None = None,
-                 *, keys: Mapping[str, str] | None = None):
+                 *, keys: Mapping[str, str] | None = None, vocabulary: Sequence[str] | None = None):
         self.unet, self.schedule = unet, dict(schedule)
-        self.keys = {"ddpm": "ddpm_ckpt", **{k: f"{k}_ckpt" for k in GUIDANCE}, **(keys or {})}
+        self.keys = {"ddpm": "ddpm_ckpt", **{k: f"{k}_ckpt" for k in GUIDE_KINDS}, **(keys or {})}
         self.image_size = int(unet.config.sample_size)
+        null = null_label(unet)
+        self.vocabulary = list(vocabulary) if vocabulary else None
+        if null is not None and (self.vocabulary is None or len(self.vocabulary) != null):
+            raise ClipdiffError(f"{self.keys['ddpm']}: a conditional DDPM with {null} captions + the null id needs "
+                                f"its caption vocabulary ({0 if self.vocabulary is None else len(self.vocabulary)} given)")
+        if null is None and self.vocabulary is not None:
+            raise ClipdiffError(f"{self.keys['ddpm']}: a caption vocabulary was given for an unconditional DDPM")
         self.guides: dict[str, nn.Module] = {}
         for kind, model in (guides or {}).items():
             self.check_guide(kind, model)
@@ -112,14 +123,25 @@ class GuidedPipeline:
                      device: str | torch.device = "cpu", keys: Mapping[str, str] | None = None) -> GuidedPipeline:
         """Load the DDPM export and each guide export once; ``keys`` names the config key of each path in errors
         (defaults: ``ddpm_ckpt``, ``clip_ckpt``, ``noisy_clip_ckpt``)."""
-        keys = {"ddpm": "ddpm_ckpt", **{k: f"{k}_ckpt" for k in GUIDANCE}, **(keys or {})}
+        keys = {"ddpm": "ddpm_ckpt", **{k: f"{k}_ckpt" for k in GUIDE_KINDS}, **(keys or {})}
         unknown = sorted(set(guides or {}) - set(LOADERS))
         if unknown:
             raise ClipdiffError(f"guides: no guide kind {unknown[0]!r} (choose {' or '.join(LOADERS)})")
         device = pick_device(device)
-        unet, schedule = load_ddpm(ddpm, key=keys["ddpm"], device=device)
+        unet, schedule, vocabulary = load_ddpm(ddpm, key=keys["ddpm"], device=device, with_vocabulary=True)
         loaded = {kind: LOADERS[kind](path, key=keys[kind], device=device) for kind, path in (guides or {}).items()}
-        return cls(unet, schedule, loaded, keys=keys)
+        return cls(unet, schedule, loaded, keys=keys, vocabulary=vocabulary)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the DDPM is conditioned on the caption id (``model=ddpm_cond``): ``cfg`` needs it."""
+        return self.vocabulary is not None
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods this pipeline can draw: ``none`` and each method whose guide (and DDPM) it has."""
+        return ["none", *(m for m, g in GUIDANCE.items() if (g.guide_kind is None or g.guide_kind in self.guides)
+                          and (self.conditional or not g.conditional))]
 
     @property
     def device(self) -> torch.device:
@@ -127,8 +149,8 @@ class GuidedPipeline:
 
     def check_guide(self, kind: str, model: nn.Module) -> None:
         """A guide fits the DDPM: a known kind, a vocabulary; a noisy CLIP shares the noise schedule and image size."""
-        if kind not in GUIDANCE:
-            raise ClipdiffError(f"guides: no guide kind {kind!r} (choose {' or '.join(GUIDANCE)})")
+        if kind not in GUIDE_KINDS:
+            raise ClipdiffError(f"guides: no guide kind {kind!r} (choose {' or '.join(GUIDE_KINDS)})")
         key = self.keys[kind]
         if not list(getattr(model, "vocabulary", []) or []):
             raise ClipdiffError(f"{key}: the {WHAT[kind]} has no caption vocabulary to guide towards")
@@ -150,8 +172,12 @@ class GuidedPipeline:
                 prefix: str = "guidance") -> Prepared:
         """Check every option and prompt and build the cond_fn; ``prefix`` is the config path named in errors."""
         method = method or (guidance.kind if guidance is not None else "none")
-        if method != "none" and method not in self.guides:
-            raise ClipdiffError(f"method={method!r}: this pipeline has {', '.join(['none', *self.guides])}")
+        wanted = GUIDANCE.get(method)
+        if wanted is not None and wanted.conditional and not self.conditional:
+            raise ClipdiffError(f"method={method!r} needs a conditional DDPM (python -m clipdiff.train model=ddpm_cond): "
+                                f"{self.keys['ddpm']} is unconditional")
+        if method not in self.methods:
+            raise ClipdiffError(f"method={method!r}: this pipeline has {', '.join(self.methods)}")
         if guidance is not None and guidance.kind != method:
             raise ClipdiffError(f"method={method!r} but the guidance settings are for {guidance.kind!r}")
         sampler = (Sampler.preset(sampler) if isinstance(sampler, str) else sampler).replace(steps=steps).check()
@@ -166,13 +192,22 @@ class GuidedPipeline:
         if scale is not None:
             settings = dataclasses.replace(settings, scale=float(scale))
         settings.check(prefix, scheduler)
-        model = self.guides[method]
-        free = settings.free_text if text_encoder(model) is not None else "unsupported"
-        tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "clip", None), "tokenizer", None)
-        matched, ids, extra = prompt_text.resolve(per_sample, model.vocabulary, what=WHAT[method], free_text=free,
-                                                  tokenizer=tokenizer, prefix=prefix)
-        cond = settings.cond_fn(model, ids, extra, scheduler, self.unet)
-        return Prepared(method, int(n), sampler, scheduler, settings, cond, matched, cond.guide.captions, int(seed),
+        cond, matched, captions = None, per_sample, []
+        if settings.guide_kind is not None:  # a gradient guide
+            model = self.guides[settings.guide_kind]
+            free = settings.free_text if text_encoder(model) is not None else "unsupported"
+            tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "clip", None), "tokenizer", None)
+            matched, ids, extra = prompt_text.resolve(per_sample, model.vocabulary, what=WHAT[settings.guide_kind],
+                                                      free_text=free, tokenizer=tokenizer, prefix=prefix)
+            cond = settings.cond_fn(model, ids, extra, scheduler, self.unet)
+            captions = cond.guide.captions
+        if settings.conditional:  # classifier-free: the DDPM's own caption ids (no text tower: no free text)
+            in_vocab, classes, _ = prompt_text.resolve(per_sample, self.vocabulary, what="conditional DDPM",
+                                                       free_text="unsupported", prefix=prefix)
+            cond = settings.cfg_fn(self.unet, classes, scheduler, then=cond)
+            if cond.then is None:
+                matched, captions = in_vocab, list(self.vocabulary)
+        return Prepared(method, int(n), sampler, scheduler, settings, cond, matched, captions, int(seed),
                         int(batch_size))
 
     def draw(self, job: Prepared, progress: bool = False, score: bool = True) -> GuidedOutput:
@@ -181,12 +216,13 @@ class GuidedPipeline:
         if job.cond is not None:
             job.cond.reset()  # a prepared call can be drawn again: the same images, fresh statistics
         start = time.perf_counter()
+        recurrence = job.cond.recurrence_at if job.cond is not None and job.guidance.recurrence > 1 else 1
         images = sample(self.unet, job.scheduler, job.num_samples, generator=torch.Generator().manual_seed(job.seed),
                         steps=job.sampler.steps, batch_size=job.batch_size, cond_fn=job.cond, eta=job.sampler.eta,
-                        progress=progress)
+                        progress=progress, recurrence=recurrence)  # a conditional DDPM: its null id unless cfg
         seconds = time.perf_counter() - start
         logits, targets = None, (job.cond.targets.cpu() if job.cond is not None else None)
-        if job.cond is not None and score:
+        if job.cond is not None and job.cond.guide is not None and score:
             with torch.no_grad():
                 logits = job.cond.guide.final_logits(images.to(self.device)).float().cpu()
         settings = {"guidance": job.guidance.as_dict() if job.guidance else None, "sampler": job.sampler.as_dict()}

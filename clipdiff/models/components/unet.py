@@ -42,12 +42,24 @@ def unet_config(unet: UNet2DModel) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
 
 
-def load_ddpm(path: str | Path, key: str = "ddpm_ckpt", device: str | torch.device = "cpu") -> tuple[UNet2DModel, dict]:
-    """(UNet with the EMA weights, in eval mode; the noise schedule dict) from a ``kind="ddpm"`` export.
+def load_ddpm(path: str | Path, key: str = "ddpm_ckpt", device: str | torch.device = "cpu",
+              with_vocabulary: bool = False) -> tuple:
+    """(UNet with the EMA weights, in eval mode; the noise schedule dict) from a ``kind="ddpm"`` export, and with
+    ``with_vocabulary`` the caption vocabulary of a conditional DDPM (``model=ddpm_cond``; None: unconditional).
 
+    A conditional UNet (``num_class_embeds``) samples unconditionally on its null id by default
+    (:func:`clipdiff.diffusion.sampling.sample`), so code that expects an unconditional DDPM can load either.
     Build samplers from the schedule with :func:`clipdiff.diffusion.schedule.sampling_scheduler`.
     """
     obj = load_export(path, "ddpm", key=key)
     unet = build_unet(obj["unet_config"])
     unet.load_state_dict(obj["state_dict"])
-    return unet.to(device).eval().requires_grad_(False), dict(obj["schedule"])
+    vocabulary = obj.get("vocabulary")
+    classes = unet.config.num_class_embeds
+    if classes and (not vocabulary or len(vocabulary) + 1 != classes or obj.get("null_id", classes - 1) != classes - 1):
+        raise ClipdiffError(f"{key}={path}: a conditional DDPM ({classes} class embeddings) without a matching caption "
+                            "vocabulary and null id: export it again with clipdiff.train model=ddpm_cond")
+    unet = unet.to(device).eval().requires_grad_(False)
+    if with_vocabulary:
+        return unet, dict(obj["schedule"]), (list(vocabulary) if classes else None)
+    return unet, dict(obj["schedule"])
