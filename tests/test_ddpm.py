@@ -192,7 +192,7 @@ def test_wrong_image_size_is_one_clear_error():
 
 def test_unconditional_ddpm_trains_on_a_root_without_captions(flat_root, tmp_path):
     """The unconditional DDPM reads no captions: it trains (one step) and exports on a root without ``cars_text``;
-    a model that needs captions stops there with the one-line caption-file error."""
+    a model that needs captions, or caption-balanced batches, stop there with the one-line caption-file error."""
     import shutil
 
     shutil.rmtree(flat_root / "cars_text")
@@ -201,7 +201,9 @@ def test_unconditional_ddpm_trains_on_a_root_without_captions(flat_root, tmp_pat
     metrics, objs = train(cfg)
     assert objs["datamodule"].vocab is None and "caption" not in next(iter(objs["datamodule"].train_dataloader()))
     assert torch.isfinite(torch.tensor(metrics["val/loss"])) and (tmp_path / "run" / "export.pt").is_file()
-    for bad in (compose_train(flat_root, tmp_path / "cond", "model=ddpm_cond"),
+    # caption-balanced batches need the captions even for the unconditional DDPM: then the label file is read
+    balanced = compose_train(flat_root, tmp_path / "balanced", "data.sampler=distinct_caption")
+    for bad in (balanced, compose_train(flat_root, tmp_path / "cond", "model=ddpm_cond"),
                 compose_config("train", ["model=clip", f"data.root={flat_root}", "data.cache=false", "logger=csv",
                                          f"paths.run_dir={tmp_path / 'clip'}"])):
         with pytest.raises(ClipdiffError, match=r"^caption file .*cars_text/cars_train.tsv does not exist: run "):

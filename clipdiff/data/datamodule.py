@@ -171,10 +171,12 @@ class CarsDataModule(L.LightningDataModule):
     def without_captions(self) -> None:
         """Do not read the label files (a model that does not use captions, e.g. the unconditional DDPM, calls this
         through ``clipdiff.train`` before anything is indexed): batches carry no ``caption`` and :attr:`vocab` stays
-        None, so such a model trains on a root without ``cars_text``. The images and their order are unchanged."""
+        None, so such a model trains on a root without ``cars_text``. The images and their order are unchanged.
+        With ``data.sampler=distinct_caption`` the captions are still read: the sampler balances the batches by
+        caption (a lever for the unconditional DDPM too), and the model ignores them."""
         if self.indices:
             raise RuntimeError("without_captions() must be called before the data is indexed")
-        self.read_captions = False
+        self.read_captions = self.hparams.sampler == "distinct_caption"
 
     def request_poses(self) -> None:
         """From now on every batch of every split carries ``pose`` (a model that needs camera poses calls this in its
@@ -198,9 +200,6 @@ class CarsDataModule(L.LightningDataModule):
                 views = hp.views_per_object if stage == "train" else (hp.eval_views_per_object or hp.views_per_object)
                 objects[stage] = scan_split(root, split, views)
             if not self.read_captions:
-                if hp.sampler == "distinct_caption":
-                    raise ClipdiffError("data.sampler=distinct_caption groups batches by caption, but this model reads "
-                                        "no captions: use data.sampler=random")
                 log.info("the captions are not read: this model does not use them")
                 self.indices = {s: SplitIndex.build(self.splits[s], objs, None) for s, objs in objects.items()}
                 return self.indices
