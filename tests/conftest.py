@@ -16,6 +16,10 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# one OpenMP/torch thread in every command a test starts and in every spawned DDP rank too (see one_thread): with
+# `make test`'s xdist workers each core already runs a worker, and a second thread per process only waits
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
