@@ -4,6 +4,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
+# the tests run in one pytest-xdist worker per CPU (most of their time is commands run as subprocesses, which leave
+# a one-process run's second core idle); tests that share an expensive fixture carry @pytest.mark.xdist_group and stay
+# on one worker (loadgroup). ARGS="-n 0" runs them in one process, as a plain `pytest` does.
+XDIST   ?= -n logical --dist loadgroup
 
 .PHONY: demo seeds test test-fast bench lint clean-venv
 
@@ -20,11 +24,11 @@ seeds: $(STAMP)  ## the demo for training seeds 0, 1, 2 (same data), then mean Â
 	$(BIN)/python -m clipdiff.pipeline -m seed=0,1,2 $(ARGS)
 	$(BIN)/python -m clipdiff.aggregate sweep_dir=$$(ls -d outputs/pipeline/multiruns/* | tail -n 1) spread_over=seed
 
-test: $(STAMP)  ## the whole test suite (CPU, ~10 minutes on 2 cores: 252 tests in 616 s on a fresh clone, 2026-12-01)
-	$(BIN)/python -m pytest -q $(ARGS)
+test: $(STAMP)  ## the whole test suite (CPU; one pytest-xdist worker per CPU)
+	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 test-fast: $(STAMP)  ## skip the tests marked slow
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(ARGS)
 
 bench: $(STAMP)  ## speed claims as side-by-side ratios â†’ outputs/bench/latest.csv and README's Benchmarks block (~6 min)
 	$(BIN)/python -m clipdiff.bench --readme $(ARGS)

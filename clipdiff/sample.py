@@ -26,16 +26,17 @@ log = logging.getLogger("clipdiff.sample")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    # torch and the models load here, not at import: `--help` and `--cfg job` answer at once
-    from clipdiff.diffusion.sampling import save_samples
-    from clipdiff.pipelines.guided import GuidedPipeline
-
     out_dir = Path(cfg.paths.run_dir)
     if (out_dir / "grid.png").exists():
         raise ClipdiffError(f"{out_dir} already holds samples; sampling writes into a new run directory")
     for key in ("num_samples", "batch_size", "sampler.steps", "grid_nrow"):
         count(OmegaConf.select(cfg, key), key)
     count(cfg.seed, "seed", minimum=None)
+    # torch and the models load here, after the checks above, not at import: `--help`, `--cfg job` and a mistyped
+    # number answer at once
+    from clipdiff.diffusion.sampling import save_samples
+    from clipdiff.pipelines.guided import GuidedPipeline
+
     guidance = instantiate(cfg.guidance) if cfg.get("guidance") else None  # guidance=none: an empty node
     sampler = instantiate(cfg.sampler).check()
     method = guidance.kind if guidance is not None else "none"

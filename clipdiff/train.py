@@ -209,11 +209,15 @@ def finish_wandb_run() -> None:
 
 @hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
+    # a used run directory and a non-number in the model's settings are refused before Lightning is imported and the
+    # data is read (seconds of start-up for a one-line answer); the optimizer's numbers are checked with torch alone
+    claim_run_dir(Path(cfg.paths.run_dir), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    check_call_args(OmegaConf.to_container(cfg.model, resolve=True), "model")
+
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from clipdiff.utils import resume
 
-    claim_run_dir(Path(cfg.paths.run_dir), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
     try:
         metrics, _ = train(cfg)
     except SIGTERMException:

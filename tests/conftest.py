@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# one OpenMP/torch thread in every command a test starts and in every spawned DDP rank too (see one_thread): with
+# `make test`'s xdist workers each core already runs a worker, and a second thread per process only waits
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -64,9 +69,26 @@ def flat_root(tmp_path: Path) -> Path:
     )
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In xdist workers (``make test``): the tests marked slow first, so that no worker starts a long one while the
+    others run out of work. A one-process run keeps pytest's order (tests of a module together)."""
+    if not hasattr(config, "workerinput"):
+        return
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order
+    # pytest-xdist marks a grouped test by appending @<group> to its node id; pytest 9.2's structured node ids drop
+    # that silently (pytest-dev/pytest-xdist#1386), and each worker would then build the shared fixtures again
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if config.getoption("dist", None) == "loadgroup" and lost:
+        warnings.warn(f"pytest {pytest.__version__} drops the xdist_group of {len(lost)} tests (pytest-xdist#1386): "
+                      "tests that share a fixture may each build it on another worker; pyproject.toml pins pytest<9.2",
+                      stacklevel=1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny models run fastest on one intra-op thread, and far faster when the CPU is shared (no OpenMP waits)."""
+    """Tiny models run fastest on one intra-op thread, and far faster when the CPU is shared (no OpenMP waits).
+    Session scope is per process: each xdist worker of ``make test`` runs on one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -19,6 +19,8 @@ from clipdiff.models.metrics.zeroshot import ZeroShotMetrics, evaluate
 from clipdiff.train import train
 
 VOCAB = ["a blue car", "a red car", "a white and red car", "a white car", "a white jeep/bus"]
+# clip_run trains once: on one xdist worker for the whole module (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_clip")
 
 
 def compose_train(overrides: list[str]):

@@ -19,6 +19,8 @@ from clipdiff.eval.stats import wilson
 from clipdiff.models.export import save_export
 
 CAPTIONS = ["a red car", "a green jeep/bus"]
+# the tiny exports and the shared evaluation are made once: on one xdist worker for the whole module (loadgroup)
+pytestmark = pytest.mark.xdist_group("test_evaluate")
 
 
 def compose_eval(overrides: list[str]):

@@ -23,6 +23,8 @@ from clipdiff.labeling.dataset import label_dataset, read_overrides, resolve_spl
 from clipdiff.labeling.labeller import Analysis, Decider
 
 REPO = Path(__file__).resolve().parents[1]
+# the rendered set and its labelling are made once: on one xdist worker for the whole module (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_label")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from clipdiff.train import train
 
 VOCAB = ["a blue car", "a red car", "a white and red car", "a white car", "a white jeep/bus"]
 LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+# noisy_run trains once: on one xdist worker for the whole module (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_noisy_clip")
 
 
 def compose_train(overrides: list[str]):

@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "stages.render.args.num_objects=16", "stages.render.args.views_per_object=3", "stages.render.args.image_size=32",
     "data.image_size=32", "train_logger=csv",
+    # one thread per stage, as every process of the suite (tests/conftest.py): label and evaluate take all CPUs in
+    # the demo, where they run alone; here the other xdist workers share the CPUs, and a 2-thread stage waits
+    "threads=1", "stages.label.threads=1", "stages.evaluate.threads=1",
+    "+stages.render.args.num_workers=1", "+stages.label.args.workers=1",  # 48 images: no pool of spawned workers
     "+stages.label.args.views=3",
     "+stages.clip.args.trainer.max_steps=2", "+stages.clip.args.data.batch_size=8",
     "+stages.noisy_clip.args.trainer.max_steps=2", "+stages.noisy_clip.args.data.batch_size=8",
@@ -217,6 +221,7 @@ def test_a_stopped_pipeline_saves_its_training_stages_and_the_same_command_resum
 
     args = ["stages.render.args.num_objects=16", "stages.render.args.views_per_object=3",
             "stages.render.args.image_size=32", "data.image_size=32", "train_logger=csv", "+stages.label.args.views=3",
+            "threads=1", "stages.label.threads=1", "+stages.render.args.num_workers=1", "+stages.label.args.workers=1",
             "+stages.ddpm.args.trainer.max_steps=6", "+stages.ddpm.args.data.batch_size=8",
             "+stages.ddpm.args.callbacks.step_checkpoint._target_=scaleout_helpers.HoldingStepCheckpoint",
             "only=[render,label,ddpm]"]

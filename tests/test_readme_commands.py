@@ -151,6 +151,7 @@ def test_the_readme_shows_every_kind_of_command():
     assert readme_commands(text) == ["python -m clipdiff.render x=1 y=2", "python -m clipdiff.train -m a=1 b=2 [c=3]"]
 
 
+@pytest.mark.xdist_group("readme_train_sweep")  # one worker runs the sweep for both tests (--dist loadgroup)
 def test_training_sweep_runs_lands_in_its_task_folder_and_shares_a_wandb_group(train_sweep, world):
     jobs = sorted(p for p in train_sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"] and (train_sweep / "multirun.yaml").is_file()
@@ -169,6 +170,7 @@ def test_training_sweep_runs_lands_in_its_task_folder_and_shares_a_wandb_group(t
     assert len([p for p in listing if "/train_clip/multiruns/" in p]) == 2
 
 
+@pytest.mark.xdist_group("readme_train_sweep")
 def test_aggregate_turns_the_training_sweep_into_its_table(train_sweep, world):
     commands = [c for c in readme_commands() if "clipdiff.aggregate sweep_dir=" in c]
     (cmd,) = [c for c in commands if "spread_over" not in c]

@@ -103,6 +103,7 @@ def assert_same_state(got: dict, want: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("resume_reference")  # one worker trains the reference for both (--dist loadgroup)
 def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(root, tmp_path, tmp_path_factory):
     # both interrupted runs go at once (2 cores); the uninterrupted reference trains meanwhile in this process
     killed, killed_marker = start_and_hold(root, tmp_path / "killed", step=7)  # last step checkpoint: step 6
@@ -143,6 +144,7 @@ def test_sigkill_and_sigterm_runs_resume_to_the_uninterrupted_state(root, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("resume_reference")
 def test_max_steps_and_ctrl_c_runs_resume_to_the_uninterrupted_state(root, tmp_path, tmp_path_factory):
     """With ``trainer.max_steps`` set (``max_epochs`` still the limit that stops the run), a resume from an epoch-end
     checkpoint lost an epoch; Ctrl-C (SIGINT to the process group) saved nothing. Three runs at once:

@@ -62,6 +62,7 @@ def cli_runs(tiny_export, tmp_path_factory) -> dict:
     return res
 
 
+@pytest.mark.xdist_group("sample_cli")  # one worker runs cli_runs for both tests (make test: --dist loadgroup)
 def test_cli_writes_grid_and_pngs_into_new_run_dirs(cli_runs):
     _rc, out, _err = cli_runs["first"]
     run1 = cli_runs["run1"]
@@ -81,6 +82,7 @@ def test_cli_writes_grid_and_pngs_into_new_run_dirs(cli_runs):
     assert (run2 / "samples" / "000004.png").read_bytes() == before[run1 / "samples" / "000004.png"]  # same seed
 
 
+@pytest.mark.xdist_group("sample_cli")
 def test_cli_wrong_export_kind_is_one_line(cli_runs):
     rc, _, err = cli_runs["bad"]
     wrong = cli_runs["wrong"]

@@ -11,8 +11,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from clipdiff.bench.common import Claim, load_average
 from clipdiff.bench.report import table, update_readme, write
 from clipdiff.errors import ClipdiffError
@@ -82,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme_only:
             print(f"written: {update_readme(out)}")
             return 0
+        import torch  # here, not at import: `--help` and `--readme-only` answer at once
+
         torch.set_num_threads(args.threads)
         load_start = load_average()
         names = ["gpu"] if args.gpu else args.only

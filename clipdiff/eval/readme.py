@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from clipdiff.errors import ClipdiffError
-from clipdiff.eval import report
 from clipdiff.utils.io import atomic_open
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
@@ -71,6 +70,8 @@ def _copy(src: Path, docs: Path, name: str, readme_dir: Path) -> str | None:
 
 
 def results_block(run: Path, docs: Path, readme_dir: Path) -> str:
+    from clipdiff.eval import report  # imports torch: here, not at import, so that `--help` answers at once
+
     evaluation = run / "evaluate"
     summary = evaluation / "summary.csv"
     if not summary.is_file():
