@@ -97,6 +97,7 @@ def fill(cmd: str, world: dict, sweep_dir: Path | None = None) -> tuple[str, lis
         a = a.replace("GUIDE/export.pt", str(ckpts["guide_ckpt"]))
         if sweep_dir is not None:
             a = a.replace("outputs/<task>/multiruns/<timestamp>", str(sweep_dir))
+        a = a.replace("outputs/aggregate/runs/<timestamp>", str(world["project"] / "outputs" / "aggregate" / "runs" / "x"))
         a = re.sub(r"(?<![\w/])DIR(?![\w])", str(world["root"]), a)
         out.append(a)
     unknown = [a for a in out if "…" in a or re.search(r"<\w+>|\b[A-Z]{3,}\b", a)]
