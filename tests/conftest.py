@@ -79,7 +79,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # pytest-xdist marks a grouped test by appending @<group> to its node id; pytest 9.2's structured node ids drop
     # that silently (pytest-dev/pytest-xdist#1386), and each worker would then build the shared fixtures again
     lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
-    if config.getoption("dist", None) == "loadgroup" and lost:
+    if getattr(config.option, "loadgroup", False) and lost:  # what xdist sets in a worker for --dist loadgroup
         warnings.warn(f"pytest {pytest.__version__} drops the xdist_group of {len(lost)} tests (pytest-xdist#1386): "
                       "tests that share a fixture may each build it on another worker; pyproject.toml pins pytest<9.2",
                       stacklevel=1)
