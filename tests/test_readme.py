@@ -71,7 +71,7 @@ def test_readme_block_comes_from_the_run(tmp_path: Path):
 def test_readme_without_a_demo_says_what_to_run(tmp_path: Path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"{START}\n{END}\n")
-    assert main([str(tmp_path / "nothing"), "--readme", str(readme)]) == 2
+    assert main([str(tmp_path / "nothing"), "--readme", str(readme), "--docs", str(tmp_path / "docs")]) == 2
     assert "run `make demo` first" in capsys.readouterr().err
 
 
@@ -98,12 +98,13 @@ def test_spread_block_comes_from_the_seed_sweeps_table(tmp_path: Path, capsys):
     text = readme.read_text()
     assert "old spread" not in text and "middle\n" in text and text.endswith(f"{SPREAD_END}\nend\n")
     assert "| none | 0 | 3 | 0.110 ± 0.020 |" in text and "mean ± sample std over seed" in text
-    # a missing spread file is one line naming it, and the README is left as it was
+    # a missing spread file is one line naming it; the README and the docs folder are left as they were
     before = readme.read_text()
-    assert main([str(run), "--readme", str(readme), "--spread", str(tmp_path / "none.md")]) == 2
+    docs = tmp_path / "docs2"
+    assert main([str(run), "--readme", str(readme), "--docs", str(docs), "--spread", str(tmp_path / "none.md")]) == 2
     err = capsys.readouterr().err
     assert "none.md does not exist: run `make seeds` first" in err and err.count("\n") == 1
-    assert readme.read_text() == before
+    assert readme.read_text() == before and not docs.exists()
 
 
 def test_no_tracked_file_holds_merge_conflict_markers():

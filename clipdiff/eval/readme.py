@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         readme = Path(args.readme)
         text = readme.read_text()
+        if args.spread:  # checked before anything is copied: a bad --spread leaves docs/ and the README alone
+            text = replace_block(text, SPREAD_START, SPREAD_END, spread_block(Path(args.spread)), readme)
         block = results_block(Path(args.run), Path(args.docs), readme.resolve().parent)
         text = replace_block(text, START, END, block, readme)
-        if args.spread:
-            text = replace_block(text, SPREAD_START, SPREAD_END, spread_block(Path(args.spread)), readme)
         with atomic_open(readme, "w") as f:
             f.write(text)
     except ClipdiffError as e:
