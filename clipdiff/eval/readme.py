@@ -129,8 +129,9 @@ def spread_block(spread_md: Path) -> str:
     table = [line for line in lines if line.startswith("|")]
     if not table:
         raise ClipdiffError(f"{spread_md} holds no table: give the spread.md of `clipdiff.aggregate … spread_over=seed`")
-    return "\n".join([f"Produced by `make seeds` (`python -m clipdiff.eval.readme --spread {spread_md}` copied it "
-                      f"here). {title}.", "", *table])
+    source = (f"Produced by `make seeds` (`python -m clipdiff.eval.readme --spread {spread_md}` copied it "
+              f"here). {title}.")
+    return "\n".join([source, "", *table])
 
 
 def replace_block(text: str, start: str, end: str, block: str, readme: Path) -> str:
