@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-from conftest import CONF, compose_config
-from omegaconf import OmegaConf
+from conftest import compose_config
 from tiny_guides import (
     SIZE,
     VOCAB,
     cond_ddpm_export,
     ddpm_export,
+    demo_schedule,
     tiny_noisy_clip,
 )
 
@@ -38,15 +38,6 @@ TARGETS = ["a red car", "a blue car", "a green jeep/bus", "a white car"] * 2
 STEPS = 5
 BATCH = 5  # two batches of 8 samples: the per-sample caption ids follow the loop's index
 
-
-def demo_schedule() -> dict:
-    """conf/diffusion/cosine_1000_v.yaml (v-prediction: the cfg combination goes through the v ↔ eps conversion)."""
-    cfg = OmegaConf.create()
-    for name in ("linear_1000", "cosine_1000", "cosine_1000_v"):
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(f"{CONF}/diffusion/{name}.yaml"))
-    out = OmegaConf.to_container(cfg)
-    out.pop("defaults", None)
-    return out
 
 
 SAMPLER = Sampler.preset("ddim_stochastic").replace(steps=STEPS)  # DDIM eta 1: the generator is drawn every step

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import CONF
 from omegaconf import OmegaConf
-from tiny_guides import ddpm_export, tiny_clip, tiny_noisy_clip
+from tiny_guides import ddpm_export, demo_schedule, tiny_clip, tiny_noisy_clip
 
 from clipdiff.diffusion.guidance import score
 from clipdiff.diffusion.sampling import Sampler, check_timesteps
@@ -20,15 +20,6 @@ from clipdiff.pipelines.guided import GuidedPipeline
 TARGETS = ["a red car", "a blue car", "a green jeep/bus", "a white car"] * 2
 STEPS = 10
 
-
-def demo_schedule() -> dict:
-    """conf/diffusion/cosine_1000_v.yaml with its defaults chain resolved."""
-    cfg = OmegaConf.create()
-    for name in ("linear_1000", "cosine_1000", "cosine_1000_v"):
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(f"{CONF}/diffusion/{name}.yaml"))
-    out = OmegaConf.to_container(cfg)
-    out.pop("defaults", None)
-    return out
 
 
 @pytest.fixture(scope="module")

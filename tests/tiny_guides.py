@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from conftest import CONF
+from omegaconf import OmegaConf
 from torch import nn
 
 from clipdiff.models.components.clip import ClipClassifier, model_from_config, tokenizer_for
@@ -21,6 +23,17 @@ CLIP_CFG = {"embed_dim": 16,
                            "patch_size": 4},
             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
                          "mlp_ratio": 2.0}}
+
+
+def demo_schedule() -> dict:
+    """The demo's noise schedule, conf/diffusion/cosine_1000_v.yaml, with its defaults chain resolved (v-prediction:
+    guidance and cfg go through the v ↔ eps conversion)."""
+    cfg = OmegaConf.create()
+    for name in ("linear_1000", "cosine_1000", "cosine_1000_v"):
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(f"{CONF}/diffusion/{name}.yaml"))
+    out = OmegaConf.to_container(cfg)
+    out.pop("defaults", None)
+    return out
 
 
 TINY_UNET = {"block_out_channels": [8, 8], "down_block_types": ["DownBlock2D", "DownBlock2D"],
