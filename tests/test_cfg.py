@@ -340,6 +340,8 @@ def test_the_new_config_groups_compose():
     assert list(cfg.guides) == ["clip", "noisy_clip", "cfg", "cfg_noisy_clip"]
     assert list(cfg.methods) == ["none", "clip", "noisy_clip"] and cfg.method_scales.cfg[0] == 1.0
     train = compose_config("train", ["model=ddpm_cond"])
-    assert get_class(train.model._target_).__name__ == "CondDdpmModule" and train.model.p_uncond == 0.1
+    assert get_class(train.model._target_).__name__ == "CondDdpmModule" and train.model.p_uncond == 0.2
     assert train.model.unet == compose_config("train", ["model=ddpm"]).model.unet  # the same UNet, + the embedding
-    assert compose_config("pipeline", []).stages.ddpm.args.model == "ddpm"  # the demo is unchanged
+    demo = compose_config("pipeline", []).stages  # the demo trains the conditional DDPM only, and evaluates cfg
+    assert demo.ddpm.args.model == "ddpm_cond" and demo.ddpm.args["data.sampler"] == "distinct_caption"
+    assert "cfg" in demo.evaluate.args.methods and list(demo.evaluate.args.method_scales.cfg) == [1, 2]

@@ -24,12 +24,13 @@ TINY = [
     "+stages.label.args.views=3",
     "+stages.clip.args.trainer.max_steps=2", "+stages.clip.args.data.batch_size=8",
     "+stages.noisy_clip.args.trainer.max_steps=2", "+stages.noisy_clip.args.data.batch_size=8",
-    "+stages.ddpm.args.trainer.max_steps=2", "+stages.ddpm.args.data.batch_size=8",
+    "+stages.ddpm.args.trainer.max_steps=2", "+stages.ddpm.args.data.batch_size=4",  # 4 distinct captions
     "+stages.judge.args.trainer.max_steps=2", "+stages.judge.args.data.batch_size=8",
     "+stages.evaluate.args.sampler.steps=2", "stages.evaluate.args.num_per_caption=2",
     "+stages.realism.args.trainer.max_steps=2", "+stages.realism.args.data.batch_size=8",
     "stages.heldout.args.num_objects=12", "stages.heldout.args.views_per_object=2", "stages.heldout.args.image_size=32",
     "+stages.evaluate.args.num_captions=2", "+stages.evaluate.args.num_real=8", "stages.evaluate.args.scales=[4]",
+    "stages.evaluate.args.method_scales.cfg=[2]",
     "+stages.evaluate.args.c2st.folds=2", "+stages.evaluate.args.c2st.repeats=1", "+stages.evaluate.args.controls.num=2",
     "+stages.evaluate.args.progress=false", "+stages.evaluate.args.wandb.enabled=false",
 ]
@@ -51,7 +52,7 @@ def test_pipeline_end_to_end_and_reuse(tmp_path: Path):
         assert (tmp_path / "outputs" / "demo" / stage / "export.pt").is_file(), stage
     evaluation = tmp_path / "outputs" / "demo" / "evaluate"
     rows = list(csv.DictReader((evaluation / "results.csv").open()))
-    assert {r["method"] for r in rows} == {"none", "clip", "noisy_clip"}
+    assert {r["method"] for r in rows} == {"none", "clip", "noisy_clip", "cfg"}  # the conditional DDPM serves all
     assert all(r["n"] == "2" for r in rows) and (evaluation / "report.md").is_file()
     report = (latest / "report.md").read_text()
     assert "| evaluate |" in report and "evaluate/" in report  # stage table + the evaluation, links rebased
@@ -222,7 +223,7 @@ def test_a_stopped_pipeline_saves_its_training_stages_and_the_same_command_resum
     args = ["stages.render.args.num_objects=16", "stages.render.args.views_per_object=3",
             "stages.render.args.image_size=32", "data.image_size=32", "train_logger=csv", "+stages.label.args.views=3",
             "threads=1", "stages.label.threads=1", "+stages.render.args.num_workers=1", "+stages.label.args.workers=1",
-            "+stages.ddpm.args.trainer.max_steps=6", "+stages.ddpm.args.data.batch_size=8",
+            "+stages.ddpm.args.trainer.max_steps=6", "+stages.ddpm.args.data.batch_size=4",
             "+stages.ddpm.args.callbacks.step_checkpoint._target_=scaleout_helpers.HoldingStepCheckpoint",
             "only=[render,label,ddpm]"]
     marker = tmp_path / "held"

@@ -211,7 +211,7 @@ class CondDdpmModule(DdpmModule):
     passes them), id ``len(vocabulary)`` is the null condition; ``p_uncond``: the share of each batch trained on it."""
 
     def __init__(self, unet: dict[str, Any], diffusion: dict[str, Any], vocabulary: list[str] | None = None,
-                 p_uncond: float = 0.1, **kwargs: Any):
+                 p_uncond: float = 0.2, **kwargs: Any):
         super().__init__(unet, diffusion, **kwargs)
         self.vocabulary = list(vocabulary)
         self.null_id = len(self.vocabulary)
