@@ -16,6 +16,8 @@ from tiny_guides import SIZE, VOCAB, clip_export, ddpm_export, noisy_clip_export
 from clipdiff import evaluate
 from clipdiff.eval.fid import fd_kid, random_features
 from clipdiff.models.components.judge import Judge
+from clipdiff.models.components.noisy_clip import NoisyClipClassifier
+from clipdiff.pipelines import guided
 
 CAPTIONS = ["a red car", "a green jeep/bus"]
 N = 4
@@ -34,6 +36,29 @@ class RiggedJudge(Judge):
         said = judged(x01)
         return {"colour": F.one_hot(self.colour_of[said], len(self.colour_names)).float(),
                 "type": F.one_hot(self.type_of[said], len(self.type_names)).float(), "score": torch.zeros(len(said))}
+
+
+def guide_said(x01: torch.Tensor) -> torch.Tensor:
+    """The rigged guide's top caption: another fixed, varied function of the image's mean than the judge's."""
+    return (x01.float().mean((1, 2, 3)) * 991).floor().long() % len(VOCAB)
+
+
+class RiggedNoisyClip(NoisyClipClassifier):
+    """The exported noisy CLIP with a large, image-dependent offset on its logits at t = 0, where the guide reads
+    finished samples: its top caption for an image x_0 (DDPM scale) is ``guide_said((x_0 + 1) / 2)``, which varies
+    from sample to sample (the untrained tiny guide names one caption for every sample, so its argmax could not tell
+    a right reading from a wrong one). The sampler never guides at t = 0: the samples are the real guide's."""
+
+    def logits(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        out = super().logits(x_t, t)
+        at_0 = (torch.as_tensor(t).expand(len(x_t)) == 0).to(out)[:, None]
+        return out + at_0 * 100.0 * F.one_hot(guide_said((x_t.detach() + 1) / 2), len(self.vocabulary)).to(out)
+
+
+def rigged_noisy_clip(path, **kw) -> NoisyClipClassifier:
+    model = guided.load_noisy_clip(path, **kw)
+    model.__class__ = RiggedNoisyClip
+    return model
 
 
 def parts(caption: str) -> tuple[str, str]:
@@ -64,6 +89,7 @@ def rigged(tmp_path_factory):
                         colour_net={"widths": [4], "blocks": [1]}).eval()
     judge.calibrate(torch.ones(1, 4), torch.ones(1, 4), quantile=0.0)  # every score 0 ≥ the threshold: none refused
     mp.setattr(evaluate, "load_judge", lambda path, key: judge)
+    mp.setitem(guided.LOADERS, "noisy_clip", rigged_noisy_clip)
     drawn, fds = [], []
     draw = evaluate.GuidedPipeline.draw
 
@@ -123,12 +149,16 @@ def test_accuracy_columns_are_the_judges_known_answers(rigged):
 def test_guide_acc_is_the_guides_own_argmax(rigged):
     result, drawn, _ = rigged
     rows = rows_of(result["run_dir"] / "results.csv")
-    _, (job, guided) = drawn
+    _, (job, out) = drawn
     assert all(r["guide_acc"] == "" for r in rows if r["method"] == "none")  # no guide: NaN, written empty
-    model = job.cond.guide.model  # the noisy CLIP, reading finished samples at t = 0
+    model = job.cond.guide.model  # the (rigged) noisy CLIP, reading finished samples at t = 0
+    assert isinstance(model, RiggedNoisyClip)
     with torch.no_grad():
-        own = model.logits(guided.images * 2 - 1, torch.zeros(len(guided.images), dtype=torch.long)).argmax(1)
+        own = model.logits(out.images * 2 - 1, torch.zeros(len(out.images), dtype=torch.long)).argmax(1)
     ids = torch.tensor([model.vocabulary.index(c) for c in CAPTIONS for _ in range(N)])
+    # the guide's answers vary and are partly right: a wrong reading (another image scale, another model's argmax,
+    # a constant) would change some row
+    assert len(set(own.tolist())) > 2 and 0 < int((own == ids).sum()) < len(ids), (own, ids)
     for k, caption in enumerate(CAPTIONS):
         row = next(r for r in rows if r["method"] == "noisy_clip" and r["caption"] == caption)
         assert float(row["guide_acc"]) == pytest.approx((own == ids)[k * N:(k + 1) * N].float().mean().item())

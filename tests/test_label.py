@@ -70,7 +70,9 @@ def test_agreement_on_a_tiny_rendered_set(labelled, rendered):
 
 
 def test_labels_never_come_from_the_ground_truth(labelled, rendered, tmp_path):
-    """The same captions with ``ground_truth.tsv`` gone: the labeller reads images only (the file is for the report)."""
+    """The same captions with ``ground_truth.tsv`` gone, and with a false one in its place: the labeller reads images
+    only (the file is for the report). The labels agree with the truth on every object of this set, so removing the
+    file cannot show a labeller that copies it; a file whose every caption is wrong does."""
     _, out, _ = labelled
     blind = tmp_path / "cars"
     shutil.copytree(rendered, blind, ignore=shutil.ignore_patterns("ground_truth.tsv", "cars_text"))
@@ -78,6 +80,18 @@ def test_labels_never_come_from_the_ground_truth(labelled, rendered, tmp_path):
     assert result.agreement is None  # nothing to compare with
     for split in ("cars_train", "cars_val", "cars_test"):
         assert read_caption_file(tmp_path / "o" / f"{split}.tsv") == read_caption_file(out / f"{split}.tsv"), split
+
+    truth = read_caption_table(rendered / "ground_truth.tsv")
+    wrong = {oid: next(c for c in caption_prior() if c != cap) for oid, (cap, _) in truth.items()}
+    (blind / "ground_truth.tsv").write_text("object_id\tsplit\tcaption\n" + "".join(
+        f"{oid}\t{truth[oid][1]}\t{cap}\n" for oid, cap in wrong.items()))
+    splits = ["cars_val", "cars_test"]  # 6 objects: enough to see a copied caption, cheaper than all 30
+    lied = label_dataset(blind, splits, out_dir=tmp_path / "o2", run_dir=tmp_path / "r2", workers=2, progress=False)
+    assert lied.agreement is not None and lied.agreement.n == 6  # the false file was read, for the report
+    for split in splits:
+        written = read_caption_file(tmp_path / "o2" / f"{split}.tsv")
+        assert written == read_caption_file(out / f"{split}.tsv"), split
+        assert all(written[o] != wrong[o] for o in written), split
 
 
 def test_label_file_columns_and_confidence(labelled):
