@@ -20,10 +20,10 @@ from tiny_guides import (
 )
 
 from clipdiff.diffusion.guidance import (
+    GUIDANCE,
     CfgEps,
     CfgGuidance,
     CfgNoisyClipGuidance,
-    ClipGuidance,
     GuidedEps,
     NoisyClipGuidance,
     schedule_factor,
@@ -146,7 +146,7 @@ def test_cfg_noisy_clip_adds_the_noisy_clip_term_to_the_cfg_eps(pipe):
 
 def test_other_methods_sample_on_the_null_condition(pipe):
     """noisy_clip with a conditional DDPM is noisy_clip on eps_null: at scale → 0 the null-condition samples."""
-    out = draw(pipe, "noisy_clip", 1e-9)
+    out = draw(pipe, "noisy_clip", 1e-9, guidance=NoisyClipGuidance(recurrence=1))  # (k > 1 re-noises: another sampler)
     torch.testing.assert_close(out.images, draw(pipe, "none").images, rtol=0, atol=1e-5)
     assert pipe.methods == ["none", "noisy_clip", "cfg", "cfg_noisy_clip"]
 
@@ -251,7 +251,8 @@ def reference_guided(plain, scale: float):
 
 
 @pytest.mark.parametrize("settings", [NoisyClipGuidance(scale=50.0, recurrence=1),
-                                      NoisyClipGuidance(scale=50.0, schedule="constant")], ids=["recurrence1", "constant"])
+                                      NoisyClipGuidance(scale=50.0, recurrence=1, schedule="constant", normalize=False)],
+                         ids=["recurrence1", "options_off"])
 def test_defaults_reproduce_the_guided_samples_of_before(plain, settings):
     before = reference_guided(plain, 50.0)
     assert not torch.allclose(before, draw(plain, "none").images, atol=1e-3)  # guidance moved them
@@ -267,7 +268,7 @@ def test_recurrence_repeats_the_guided_steps_only(plain):
     finally:
         hook.remove()
     assert len(calls) == 2 * 1 + 2 * 3 and out.guided_steps == 6  # steps 0, 1 unguided; steps 2, 3 three times each
-    once = draw(plain, "noisy_clip", guidance=NoisyClipGuidance(scale=50.0))
+    once = draw(plain, "noisy_clip", guidance=NoisyClipGuidance(scale=50.0, recurrence=1))
     twice = draw(plain, "noisy_clip", guidance=NoisyClipGuidance(scale=50.0, recurrence=2))
     assert twice.images.isfinite().all() and not torch.allclose(once.images, twice.images, atol=1e-3)
 
@@ -333,9 +334,10 @@ def test_the_new_config_groups_compose():
         settings = instantiate(compose_config("sample", [f"guidance={name}"]).guidance)
         assert type(settings) is cls and settings.kind == name
         assert settings.as_dict() == cls().as_dict()  # Python callers get the config's defaults
-    for name, cls in (("clip", ClipGuidance), ("noisy_clip", NoisyClipGuidance)):  # the new options, off
-        settings = instantiate(compose_config("sample", [f"guidance={name}"]).guidance)
-        assert (settings.schedule, settings.recurrence, settings.normalize) == ("constant", 1, False)
+    for name, recurrence in (("clip", 1), ("noisy_clip", 2)):  # the new options off, but noisy_clip's recurrence
+        settings = instantiate(compose_config("sample", [f"guidance={name}"]).guidance)  # (the front's best)
+        assert (settings.schedule, settings.recurrence, settings.normalize) == ("constant", recurrence, False)
+        assert settings.as_dict() == GUIDANCE[name]().as_dict()
     cfg = compose_config("evaluate", [])
     assert list(cfg.guides) == ["clip", "noisy_clip", "cfg", "cfg_noisy_clip"]
     assert list(cfg.methods) == ["none", "clip", "noisy_clip"] and cfg.method_scales.cfg[0] == 1.0

@@ -4,13 +4,16 @@ settings of ``conf/guidance/*.yaml``, for both guides; and the sampler's timeste
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from conftest import CONF
 from omegaconf import OmegaConf
 from tiny_guides import ddpm_export, demo_schedule, tiny_clip, tiny_noisy_clip
 
-from clipdiff.diffusion.guidance import score
+from clipdiff.diffusion.guidance import GUIDANCE, score
 from clipdiff.diffusion.sampling import Sampler, check_timesteps
 from clipdiff.diffusion.schedule import sampling_scheduler
 from clipdiff.errors import ClipdiffError
@@ -39,9 +42,9 @@ def demo_sampler() -> Sampler:
     return sampler
 
 
-def draw(pipe, method: str, scale: float | None = None):
+def draw(pipe, method: str, scale: float | None = None, guidance=None):
     prompts = None if method == "none" else TARGETS
-    return pipe(prompts, method=method, scale=scale, num_samples=len(TARGETS), sampler=demo_sampler(), steps=STEPS,
+    return pipe(prompts, method=method, scale=scale, guidance=guidance, num_samples=len(TARGETS), sampler=demo_sampler(), steps=STEPS,
                 seed=3, batch_size=len(TARGETS))
 
 
@@ -54,8 +57,9 @@ def unguided(pipe):
 def test_guidance_at_scale_to_zero_is_unguided_sampling(pipe, unguided, method):
     """One update rule for every method: a guided run at scale 1e-9 draws the unguided images (the tiny UNet's
     x0_hat saturates the sampler's clamp, where a guided-only eps correction would part the two)."""
-    out = draw(pipe, method, scale=1e-9)
-    assert out.guided_steps == STEPS
+    settings = dataclasses.replace(GUIDANCE[method](), scale=1e-9, recurrence=1)  # the rest as configured; with
+    out = draw(pipe, method, guidance=settings)  # recurrence k > 1 (noisy_clip's default) each step is re-noised and
+    assert out.guided_steps == STEPS             # taken again: another sampler of the same marginals, not these images
     torch.testing.assert_close(out.images, unguided.images, rtol=0, atol=1e-5)
 
 
@@ -66,11 +70,14 @@ def test_guided_samples_raise_the_guides_target_probability(pipe, unguided, meth
     out = draw(pipe, method)  # the scale of conf/guidance/<method>.yaml
     guide = pipe.prepare(TARGETS, method=method, sampler=demo_sampler(), steps=STEPS).cond.guide
     with torch.no_grad():
-        before = score(guide.final_logits(unguided.images), out.targets, "classifier")
-    after = score(out.guide_logits, out.targets, "classifier")
-    assert (after > before).all(), (before, after)
-    assert (out.guide_logits.argmax(1) == out.targets).float().mean() > \
-           (guide.final_logits(unguided.images).argmax(1) == out.targets).float().mean()
+        plain_logits = guide.final_logits(unguided.images)
+    before, after = score(plain_logits, out.targets, "classifier"), score(out.guide_logits, out.targets, "classifier")
+    open_ = before < math.log(0.9)  # a target the unguided sample already gives p ≥ 0.9 has no room to show a
+    assert open_.sum() >= len(TARGETS) // 2 and (after > before)[open_].all(), (before, after)  # direction
+
+    def rank(logits):  # the target's place among the captions (0: the guide's argmax)
+        return (logits > logits.gather(1, out.targets[:, None])).sum(1).float()
+    assert rank(out.guide_logits).mean() < rank(plain_logits).mean()
 
 
 @pytest.mark.parametrize("steps", [4, 5])

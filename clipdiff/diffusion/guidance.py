@@ -488,7 +488,8 @@ class NoisyClipGuidance(GradientGuidance):
 
     kind: ClassVar[str] = "noisy_clip"
     guide_kind: ClassVar[str | None] = "noisy_clip"
-    scale: float = 100.0
+    scale: float = 10.0
+    recurrence: int = 2
 
     def guide(self, model, extra, scheduler, unet):
         return NoisyClipGuide(model.eval().requires_grad_(False), extra)
@@ -520,6 +521,8 @@ class CfgNoisyClipGuidance(NoisyClipGuidance):
 
     kind: ClassVar[str] = "cfg_noisy_clip"
     conditional: ClassVar[bool] = True
+    scale: float = 3.0
+    recurrence: int = 1
     cfg_scale: float = 3.0
 
     def check(self, prefix: str = "guidance", scheduler: Any = None) -> CfgNoisyClipGuidance:
