@@ -249,6 +249,9 @@ def test_a_stopped_pipeline_saves_its_training_stages_and_the_same_command_resum
     assert "[render] reused" in log and "[label] reused" in log and f"ckpt_path={ddpm / 'checkpoints' / 'last.ckpt'}" in log
     assert json.loads((ddpm / "stage.json").read_text())["args"]  # finished
     assert torch.load(ddpm / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+    # it went on from step 3 in the same directory: Lightning restored the checkpoint, nothing was set aside
+    assert "Restored all states from the checkpoint" in (ddpm.parent / "ddpm.log").read_text()
+    assert not list(ddpm.parent.glob("ddpm.replaced-*"))
 
 
 def test_ctrl_c_is_passed_on_to_the_running_stages(tmp_path: Path, monkeypatch, caplog):
