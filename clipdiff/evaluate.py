@@ -121,6 +121,11 @@ def check(cfg: DictConfig, out_dir: Path) -> list[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.run_dir)
     methods = check(cfg, out_dir)
+    # the DDPM export is checked (missing, not an export, another kind of model) with torch alone, before the model
+    # libraries load (seconds); the pipeline reads it again, from the page cache
+    from clipdiff.models.export import load_export
+
+    load_export(cfg.ddpm_ckpt, "ddpm", key="ddpm_ckpt")
     import torch
     from tqdm.auto import tqdm
 
