@@ -34,25 +34,21 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from tqdm.auto import tqdm
 
 from clipdiff.errors import ClipdiffError
-from clipdiff.eval import front, judge_controls, report
-from clipdiff.eval.fid import clip_features, fd_kid, random_features
-from clipdiff.eval.measures import RealismMeasures
-from clipdiff.eval.real import choose_captions, judge_on_real, open_references, train_caption_counts
-from clipdiff.eval.realism import realism_features
-from clipdiff.models.components.judge import load_judge
-from clipdiff.models.components.realism import load_realism
-from clipdiff.pipelines.guided import GuidedPipeline, Prepared, pick_device
 from clipdiff.utils.cli import hydra_entry
 
+if TYPE_CHECKING:
+    import torch
+
+    from clipdiff.pipelines.guided import GuidedPipeline, Prepared
+
+# torch, the models and the measures are imported where they are used, after the option checks: `--help`,
+# `--cfg job` and a mistyped method answer at once instead of after ~10 s of imports
 log = logging.getLogger("clipdiff.evaluate")
 
 
@@ -74,6 +70,8 @@ def plan(cfg: DictConfig, pipe: GuidedPipeline, targets: list[str]) -> list[tupl
 
 def load(cfg: DictConfig, methods: list[str]) -> GuidedPipeline:
     """The DDPM, each guide a method needs and the clean CLIP (``clip_ckpt``, the FD/KID space), loaded once."""
+    from clipdiff.pipelines.guided import GuidedPipeline, pick_device
+
     kinds = {instantiate(cfg.guides[m]).guide_kind for m in methods if m != "none"} - {None}  # cfg needs no guide
     paths = {kind: cfg.get(f"{kind}_ckpt") for kind in kinds}
     if cfg.clip_ckpt:
@@ -87,11 +85,18 @@ def load_realism_space(cfg: DictConfig, device: torch.device):
         log.warning("no realism_ckpt: fd_indep, kid_indep, precision and recall stay empty "
                     "(train one: python -m clipdiff.train model=realism)")
         return None
+    from clipdiff.eval.realism import realism_features
+    from clipdiff.models.components.realism import load_realism
+
     net = load_realism(str(cfg.realism_ckpt), key="realism_ckpt", map_location=device)
     return realism_features(net, name=f"realism net `{cfg.realism_ckpt}` (camera pose from grey images)")
 
 
 def save_pngs(images: torch.Tensor, targets: list[str], folder: Path) -> None:
+    from PIL import Image
+
+    from clipdiff.eval import report
+
     arr = images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
     counter: Counter = Counter()
     for img, caption in zip(arr, targets):
@@ -116,6 +121,20 @@ def check(cfg: DictConfig, out_dir: Path) -> list[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.run_dir)
     methods = check(cfg, out_dir)
+    # the DDPM export is checked (missing, not an export, another kind of model) with torch alone, before the model
+    # libraries load (seconds); the pipeline reads it again, from the page cache
+    from clipdiff.models.export import load_export
+
+    load_export(cfg.ddpm_ckpt, "ddpm", key="ddpm_ckpt")
+    import torch
+    from tqdm.auto import tqdm
+
+    from clipdiff.eval import front, judge_controls, report
+    from clipdiff.eval.fid import clip_features, fd_kid, random_features
+    from clipdiff.eval.measures import RealismMeasures
+    from clipdiff.eval.real import choose_captions, judge_on_real, open_references, train_caption_counts
+    from clipdiff.models.components.judge import load_judge
+
     pipe = load(cfg, methods)
     device, seed = pipe.device, int(cfg.seed)
     judge = load_judge(cfg.judge_ckpt, key="judge_ckpt")
@@ -243,6 +262,8 @@ def _mean(values) -> float:
 
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
+    from clipdiff.eval import report
+
     head = (f"{'method':<11} {'scale':>6} {'n':>4} {'caption':>8} {'colour':>7} {'type':>6} {'refused':>8} "
             f"{'c2st_grey':>9} {'fd_indep':>9} {'default':>7}")
     lines = [head]

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -114,7 +115,7 @@ def stage_selection(cfg: DictConfig, key: str) -> set[str] | None:
 
 def check_selection_inputs(cfg: DictConfig, names: list[str], workdir: Path) -> None:
     """With ``only``, every stage a chosen stage is after must be chosen too or have finished in ``workdir``
-    before (an in-process stage such as the data report leaves nothing on disk: its own inputs count)."""
+    before (an in-process stage such as the data report is looked through: its own inputs count)."""
     deps, chosen = dependencies(cfg, list(cfg.stages)), set(names)
 
     def missing(stage: str) -> list[str]:
@@ -279,8 +280,35 @@ def _run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready, stop
     return [records[n] for n in names if n in records]
 
 
-def data_report(cfg: DictConfig, out: Path) -> None:
-    """Dataset statistics and the contact sheet, written into the pipeline's run directory."""
+REPORT_FILES = ("dataset_statistics.json", "contact_sheet.png")
+
+
+def data_report(cfg: DictConfig, name: str, workdir: Path, out: Path, inputs: dict[str, float | None],
+                rerun: bool = False) -> None:
+    """Dataset statistics and the contact sheet, made in ``<workdir>/<name>`` and copied into the pipeline's run
+    directory. Like a finished stage, they are reused while the data settings, the seed and the stages they read
+    (``inputs``: the label files' run) are the same and ``rerun`` does not name them; reusing them reads no data
+    and imports no Lightning (the DataModule's), which a pipeline whose every stage is reused would otherwise wait
+    seconds for."""
+    stage_dir = workdir / name
+    args = [f"{k}={override_value(v)}"
+            for k, v in flatten({"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed}).items()]
+    record = read_marker(stage_dir)
+    if (not rerun and record.get("args") == args and record.get("inputs") == inputs
+            and all((stage_dir / f).is_file() for f in REPORT_FILES)):
+        log.info("[%s] reused %s", name, stage_dir)
+    else:
+        started = time.time()
+        make_data_report(cfg, stage_dir)
+        with atomic_open(stage_dir / MARKER, "w") as f:
+            json.dump({"args": args, "inputs": inputs, "seconds": round(time.time() - started, 1),
+                       "finished": round(time.time(), 2)}, f, indent=1)
+    for f in REPORT_FILES:
+        shutil.copyfile(stage_dir / f, out / f)
+    log.info("contact sheet: %s", out / "contact_sheet.png")
+
+
+def make_data_report(cfg: DictConfig, folder: Path) -> None:
     from hydra.utils import instantiate
 
     from clipdiff.data.preview import contact_sheet, format_statistics
@@ -288,11 +316,10 @@ def data_report(cfg: DictConfig, out: Path) -> None:
     dm = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     stats = dm.statistics()
-    with atomic_open(out / "dataset_statistics.json", "w") as f:
+    with atomic_open(folder / "dataset_statistics.json", "w") as f:
         json.dump(stats, f, indent=1)
     log.info("dataset %s\n%s", cfg.data.root, format_statistics(stats))
-    sheet = contact_sheet(dm._dataset("train"), out / "contact_sheet.png", seed=cfg.seed)
-    log.info("contact sheet: %s", sheet)
+    contact_sheet(dm._dataset("train"), folder / "contact_sheet.png", seed=cfg.seed)
 
 
 def write_report(out: Path, records: list[dict]) -> Path:
@@ -328,12 +355,14 @@ def main(cfg: DictConfig) -> None:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     only = stage_selection(cfg, "only")
-    stage_selection(cfg, "rerun")  # checked before anything runs
+    rerun = stage_selection(cfg, "rerun") or set()  # checked before anything runs
     t0 = time.time()
     names = [n for n in cfg.stages if not only or n in only]
     if only:
         check_selection_inputs(cfg, names, workdir)
-    records = run_stages(cfg, names, workdir, on_ready=lambda name: data_report(cfg, out))
+    deps = dependencies(cfg, list(cfg.stages))
+    records = run_stages(cfg, names, workdir, on_ready=lambda name: data_report(
+        cfg, name, workdir, out, input_stamps(cfg, deps, name, workdir), rerun=name in rerun))
     report = write_report(out, records)
     log.info("report: %s", report)
     log.info("pipeline finished in %.0f s on %d CPUs", time.time() - t0, os.cpu_count() or 1)

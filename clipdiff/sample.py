@@ -33,7 +33,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         count(OmegaConf.select(cfg, key), key)
     count(cfg.seed, "seed", minimum=None)
     # torch and the models load here, after the checks above, not at import: `--help`, `--cfg job` and a mistyped
-    # number answer at once
+    # number answer at once. The DDPM export is checked (missing, not an export, another kind of model) with torch
+    # alone, before diffusers and open_clip load (seconds); the pipeline reads it again, from the page cache
+    from clipdiff.models.export import load_export
+
+    load_export(cfg.ddpm_ckpt, "ddpm", key="ddpm_ckpt")
     from clipdiff.diffusion.sampling import save_samples
     from clipdiff.pipelines.guided import GuidedPipeline
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.checks import check_call_args
 from clipdiff.utils.cli import hydra_entry
+from clipdiff.utils.io import check_writable
 
 if TYPE_CHECKING:
     import lightning as L
@@ -112,9 +113,9 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None
     log.warning("overwrite=true: the earlier run's %s in %s are kept as <name>.bak-%s", ", ".join(used), run_dir, stamp)
 
 
-def check_checkpoint_fits(path: str, model: L.LightningModule) -> None:
-    """A resume from a checkpoint of another model (or of other model settings) is one line, not Lightning's
-    state-dict error listing every key. Read memory-mapped: nothing but the key names and shapes is loaded."""
+def training_state(path: str) -> dict[str, Any]:
+    """The ``state_dict`` of the training checkpoint at ``path``; an unreadable file or an export is one line. Read
+    memory-mapped with torch alone: nothing but the key names and shapes is loaded, and no model library."""
     import torch
 
     try:
@@ -126,6 +127,13 @@ def check_checkpoint_fits(path: str, model: L.LightningModule) -> None:
     if state is None or "loops" not in ckpt:
         raise ClipdiffError(f"ckpt_path={path} is not a training checkpoint (an export.pt is for sampling and "
                             "model.init_from): give a .ckpt written by clipdiff.train, or its run directory")
+    return state
+
+
+def check_checkpoint_fits(path: str, model: L.LightningModule) -> None:
+    """A resume from a checkpoint of another model (or of other model settings) is one line, not Lightning's
+    state-dict error listing every key."""
+    state = training_state(path)
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     unknown = [k for k in state if k not in want]
@@ -137,6 +145,13 @@ def check_checkpoint_fits(path: str, model: L.LightningModule) -> None:
             f"ckpt_path={path} holds another model's weights ({len(missing)} of this model's missing, {len(unknown)} "
             f"unknown, {len(reshaped)} of another shape; e.g. {(missing + unknown + reshaped)[0]}): resume with the "
             f"model=… and model.* settings it was trained with{where}")
+
+
+def checkpoint_folders(callbacks: DictConfig | None, run_dir: Path) -> list[Path]:
+    """Where the run writes: its directory (``export.pt``) and each callback's checkpoint folder (``dirpath``)."""
+    folders = [run_dir, *(Path(str(node.dirpath)) for node in (callbacks or {}).values()
+                          if node and node.get("dirpath"))]
+    return list(dict.fromkeys(folders))
 
 
 def log_friendly_progress_bar(callbacks: list, enabled: bool, on_terminal: bool) -> list:
@@ -172,6 +187,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg.model, datamodule)
+    # a checkpoint of another model is refused before the callbacks, loggers (a wandb run) and the Trainer start
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    if ckpt_path not in (None, "last", "hpc"):
+        check_checkpoint_fits(ckpt_path, model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks += log_friendly_progress_bar(callbacks, cfg.trainer.get("enable_progress_bar", True), sys.stdout.isatty())
     loggers = instantiate_group(cfg.get("logger"))
@@ -180,9 +199,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
-    if ckpt_path not in (None, "last", "hpc"):
-        check_checkpoint_fits(ckpt_path, model)
     # our own checkpoints hold hyperparameters such as optimizer partials: trusted, so not weights-only
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -209,9 +225,20 @@ def finish_wandb_run() -> None:
 
 @hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
-    # a used run directory and a non-number in the model's settings are refused before Lightning is imported and the
-    # data is read (seconds of start-up for a one-line answer); the optimizer's numbers are checked with torch alone
-    claim_run_dir(Path(cfg.paths.run_dir), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    # a used run directory, a missing data root, a missing or unreadable checkpoint (or an export given as one), an
+    # unwritable checkpoint folder and a non-number in the model's settings are refused before Lightning and the
+    # model's libraries are imported and the data is read (~10 s of start-up for a one-line answer); the
+    # checkpoint is read with torch alone, the optimizer's numbers too
+    from clipdiff.data.srn import check_root
+
+    run_dir = Path(cfg.paths.run_dir)
+    claim_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
+    check_root(cfg.data.root)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    if ckpt_path not in (None, "last", "hpc"):
+        training_state(ckpt_path)
+    for folder in checkpoint_folders(cfg.get("callbacks"), run_dir):
+        check_writable(folder)
     check_call_args(OmegaConf.to_container(cfg.model, resolve=True), "model")
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -14,9 +14,11 @@ from tiny_guides import clip_export, ddpm_export, judge_export, noisy_clip_expor
 
 from clipdiff import evaluate
 from clipdiff.errors import ClipdiffError
+from clipdiff.eval.real import judge_on_real, open_references
 from clipdiff.eval.report import RESULT_COLUMNS, SUMMARY_COLUMNS, slug
 from clipdiff.eval.stats import wilson
 from clipdiff.models.export import save_export
+from clipdiff.pipelines.guided import GuidedPipeline
 
 CAPTIONS = ["a red car", "a green jeep/bus"]
 # the tiny exports and the shared evaluation are made once: on one xdist worker for the whole module (loadgroup)
@@ -183,11 +185,11 @@ def test_judge_ceiling_on_held_out_real_images(evaluation, models, tmp_path):
         judge.colour_net.head[-1].bias.fill_(-1e4)[judge.colour_names.index("red")] = 1e4
         judge.type_net.head[-1].bias.fill_(-1e4)[judge.type_names.index("car")] = 1e4
         judge.threshold.fill_(-1e9)  # refuses nothing: the colour and type answers are all that count here
-    _, real = evaluate.open_references(compose_eval(args(models, tmp_path / "r")), 8)
-    out = evaluate.judge_on_real(judge, real, CAPTIONS, 3, 0)
+    _, real = open_references(compose_eval(args(models, tmp_path / "r")), 8)
+    out = judge_on_real(judge, real, CAPTIONS, 3, 0)
     assert [(r["caption"], r["acc_caption"], r["acc_colour"]) for r in out] == [
         ("a red car", 1.0, 1.0), ("a green jeep/bus", 0.0, 0.0), ("all", 0.5, 0.5)]
-    out = evaluate.judge_on_real(judge, real, [*CAPTIONS, "a blue car"], 3, 0)  # no blue test car
+    out = judge_on_real(judge, real, [*CAPTIONS, "a blue car"], 3, 0)  # no blue test car
     assert [(r["caption"], r["n"], r.get("acc_caption")) for r in out] == [
         ("a red car", 3, 1.0), ("a green jeep/bus", 3, 0.0), ("a blue car", 0, None), ("all", 6, 0.5)]
     assert out[-1]["acc_caption_lo"] < 0.5 < out[-1]["acc_caption_hi"]  # an interval over 3 objects, not 6 views
@@ -203,8 +205,6 @@ def test_missing_real_split_is_a_warning_not_an_error(models, tmp_path, caplog):
 
 def test_options_and_guides_are_checked_before_the_first_sample(models, tmp_path, monkeypatch):
     """A bad option value, a missing or wrong guide export fail as one line before any method is sampled."""
-    from clipdiff.pipelines.guided import GuidedPipeline
-
     def draw(*_a, **_k):
         raise AssertionError("sampled before every part was checked")
 
@@ -225,11 +225,11 @@ def test_judge_real_counts_the_objects_it_scored(models, tmp_path):
     """One image of each caption is one object scored, though the split holds two red cars."""
     from clipdiff.models.components.judge import load_judge
 
-    _, real = evaluate.open_references(compose_eval(args(models, tmp_path / "o")), 8)
-    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 1, 0)
+    _, real = open_references(compose_eval(args(models, tmp_path / "o")), 8)
+    out = judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 1, 0)
     assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
         ("a red car", 1, 1), ("a green jeep/bus", 1, 1), ("all", 2, 2)]
-    out = evaluate.judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 6, 0)
+    out = judge_on_real(load_judge(models["judge"]), real, CAPTIONS, 6, 0)
     assert [(r["caption"], r["n"], r["objects"]) for r in out] == [
         ("a red car", 6, 2), ("a green jeep/bus", 3, 1), ("all", 9, 3)]
 
@@ -267,5 +267,5 @@ def test_cfg_rows_with_a_conditional_ddpm(models, tmp_path, monkeypatch):
     assert (run_dir / "front.png").is_file() and "| cfg | 2 |" in result["report"].read_text()
 
     with pytest.raises(ClipdiffError, match=r"^method='cfg' needs a conditional DDPM .*: ddpm_ckpt is unconditional$"):
-        monkeypatch.setattr(evaluate.GuidedPipeline, "draw", lambda *a, **k: pytest.fail("sampled before the check"))
+        monkeypatch.setattr(GuidedPipeline, "draw", lambda *a, **k: pytest.fail("sampled before the check"))
         evaluate.run(compose_eval(args(models, tmp_path / "u", "methods=[none,cfg]", "wandb.enabled=false")))

@@ -4,6 +4,7 @@ image that the test controls, the guide's own argmax, and FD against the closed-
 from __future__ import annotations
 
 import csv
+import importlib
 
 import numpy as np
 import pytest
@@ -14,10 +15,13 @@ from conftest import compose_config, write_srn
 from tiny_guides import SIZE, VOCAB, clip_export, ddpm_export, noisy_clip_export
 
 from clipdiff import evaluate
+from clipdiff.eval import fid
 from clipdiff.eval.fid import fd_kid, random_features
+from clipdiff.models.components import judge as judge_component
 from clipdiff.models.components.judge import Judge
 from clipdiff.models.components.noisy_clip import NoisyClipClassifier
 from clipdiff.pipelines import guided
+from clipdiff.pipelines.guided import GuidedPipeline
 
 CAPTIONS = ["a red car", "a green jeep/bus"]
 N = 4
@@ -88,10 +92,10 @@ def rigged(tmp_path_factory):
     judge = RiggedJudge(list(VOCAB), image_size=SIZE, type_net={"widths": [4], "blocks": [1]},
                         colour_net={"widths": [4], "blocks": [1]}).eval()
     judge.calibrate(torch.ones(1, 4), torch.ones(1, 4), quantile=0.0)  # every score 0 ≥ the threshold: none refused
-    mp.setattr(evaluate, "load_judge", lambda path, key: judge)
+    mp.setattr(judge_component, "load_judge", lambda path, key: judge)  # evaluate imports it when it runs
     mp.setitem(guided.LOADERS, "noisy_clip", rigged_noisy_clip)
     drawn, fds = [], []
-    draw = evaluate.GuidedPipeline.draw
+    draw = GuidedPipeline.draw
 
     def spy_draw(self, job, **kw):
         out = draw(self, job, **kw)
@@ -103,8 +107,11 @@ def rigged(tmp_path_factory):
         fds.append((fake, real, space, result))
         return result
 
-    mp.setattr(evaluate.GuidedPipeline, "draw", spy_draw)
-    mp.setattr(evaluate, "fd_kid", spy_fd)
+    # evaluate imports fd_kid from fid when it runs; the realism measures bind their own at import, done here first,
+    # so that the spy records evaluate's FD of each row and caption alone
+    importlib.import_module("clipdiff.eval.measures")
+    mp.setattr(GuidedPipeline, "draw", spy_draw)
+    mp.setattr(fid, "fd_kid", spy_fd)
     cfg = compose_config("evaluate", [
         f"ddpm_ckpt={ddpm_export(tmp / 'ddpm.pt')}", f"clip_ckpt={clip_export(tmp / 'clip.pt')}",
         f"noisy_clip_ckpt={noisy_clip_export(tmp / 'noisy.pt')}", "judge_ckpt=rigged", f"data.root={root}",

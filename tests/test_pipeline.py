@@ -288,3 +288,45 @@ def test_ctrl_c_is_passed_on_to_the_running_stages(tmp_path: Path, monkeypatch, 
     assert not (tmp_path / "c.ready").exists()  # nothing new starts once stopped
     assert "stopped by SIGINT" in caplog.text and "the same command continues" in caplog.text
     assert signal.getsignal(signal.SIGINT) is before  # the pipeline's handlers are gone
+
+
+def test_the_data_report_is_reused_while_its_inputs_are_the_same(flat_root, tmp_path, monkeypatch, caplog):
+    """The data report (made in the pipeline's own process, in ``<workdir>/data``) lands in every run directory; it
+    is made again only when the run of the stage it reads (the labels), the data settings or the seed changed, or
+    when ``rerun`` names it."""
+    import logging
+
+    from conftest import compose_config
+    from omegaconf import open_dict
+
+    from clipdiff import pipeline
+
+    made = []
+    make = pipeline.make_data_report
+    monkeypatch.setattr(pipeline, "make_data_report", lambda cfg, folder: (made.append(folder), make(cfg, folder)))
+    cfg = compose_config("pipeline", [f"data.root={flat_root}", "data.cache=false", "data.progress=false"])
+    work = tmp_path / "work"
+
+    def report(inputs: dict, **kw) -> Path:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        out.mkdir()
+        pipeline.data_report(cfg, "data", work, out, inputs, **kw)
+        return out
+
+    with caplog.at_level(logging.INFO, logger="clipdiff.pipeline"):
+        first = report({"label": 1.0})
+        assert len(made) == 1 and "[data] reused" not in caplog.text
+        again = report({"label": 1.0})
+        assert len(made) == 1 and f"[data] reused {work / 'data'}" in caplog.text
+    for name in ("dataset_statistics.json", "contact_sheet.png"):
+        assert (again / name).read_bytes() == (first / name).read_bytes() == (work / "data" / name).read_bytes()
+    report({"label": 2.0})  # the labels were made again
+    assert len(made) == 2
+    report({"label": 2.0}, rerun=True)
+    assert len(made) == 3
+    with open_dict(cfg):
+        cfg.seed = 1  # another contact sheet
+    report({"label": 2.0})
+    assert len(made) == 4
+    report({"label": 2.0})
+    assert len(made) == 4

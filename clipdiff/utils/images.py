@@ -1,19 +1,28 @@
-"""Image grids and labelled contact sheets (PIL only)."""
+"""Image grids and labelled contact sheets (PIL and numpy; torch tensors too, without importing torch)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from clipdiff.utils.io import atomic_open
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is not imported here: the labeller and the reports draw sheets from numpy arrays, and a command that never
+# makes a tensor should not pay torch's import (seconds) for them
+
 
 def float_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 images in 0..255 → float32 in [0, 1] (a new tensor, on the same device); float input is returned as is."""
+    import torch
+
     if images.dtype != torch.uint8:
         return images
     return images.to(torch.float32).mul_(1 / 255)
@@ -21,7 +30,8 @@ def float_images(images: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """[N,3,H,W] tensor (floats in [0,1] or uint8) or uint8 NHWC array → uint8 NHWC."""
-    if isinstance(images, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8:
             images = images.detach().float().clamp(0, 1).mul(255).round().byte()
         images = images.permute(0, 2, 3, 1).cpu().numpy()

@@ -43,6 +43,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise the ``OSError`` (a ``PermissionError``, a read-only file system) that writing a file into ``folder``
+    would raise; a folder that does not exist yet is checked where it would be made (the nearest one above it). A
+    command checks its output folders at the start, instead of failing at its first write (a checkpoint, an hour
+    into training). The error names a temporary file of ``folder``, which :func:`clipdiff.utils.cli.user_error`
+    reports as ``folder``."""
+    folder = Path(folder).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     import torch
 
