@@ -187,7 +187,7 @@ def test_conf_guidance_instantiates_the_settings_classes():
     from conftest import compose_config
     from hydra.utils import instantiate
 
-    for name, cls, scale in (("clip", ClipGuidance, 30.0), ("noisy_clip", NoisyClipGuidance, 10.0)):
+    for name, cls, scale in (("clip", ClipGuidance, 3.0), ("noisy_clip", NoisyClipGuidance, 10.0)):
         settings = instantiate(compose_config("sample", [f"guidance={name}"]).guidance)
         assert type(settings) is cls and settings.kind == name and settings.scale == scale
         assert settings.as_dict()["name"] == name and settings.window == [0.0, 1.0]

@@ -470,7 +470,7 @@ class ClipGuidance(GradientGuidance):
 
     kind: ClassVar[str] = "clip"
     guide_kind: ClassVar[str | None] = "clip"
-    scale: float = 30.0
+    scale: float = 3.0
     grad_clip: float | None = 0.05
     grad_through_eps: bool = False
 
@@ -507,7 +507,7 @@ class CfgGuidance(Guidance):
 
     kind: ClassVar[str] = "cfg"
     conditional: ClassVar[bool] = True
-    scale: float = 3.0
+    scale: float = 2.0
 
     def cfg_fn(self, unet: nn.Module, classes: torch.Tensor, scheduler: Any, then: GuidedEps | None = None) -> CfgEps:
         """The cond_fn: ``classes`` are each sample's caption ids into the conditional DDPM's vocabulary."""
