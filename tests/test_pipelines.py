@@ -132,7 +132,7 @@ def test_sampler_presets_are_the_configs():
 
 def test_output_carries_the_guides_reading_and_per_step_statistics(unet):
     pipe = GuidedPipeline(unet, LINEAR, {"noisy_clip": tiny_noisy_clip()})
-    job = pipe.prepare("a red car", guidance=NoisyClipGuidance(scale=5.0, window=[0.0, 1.0], every=2),
+    job = pipe.prepare("a red car", guidance=NoisyClipGuidance(scale=5.0, window=[0.0, 1.0], every=2, recurrence=1),
                        num_samples=3, sampler="ddim", steps=5, batch_size=2, seed=1)
     out = pipe.draw(job)
     assert out.images.shape == (3, 3, SIZE, SIZE) and 0 <= out.images.min() and out.images.max() <= 1
@@ -166,4 +166,5 @@ def test_the_cli_and_the_pipeline_draw_the_same_images(exports, tmp_path):
                batch_size=2, seed=3)
     assert len(cli) == 3 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(cli, out.pil()))
     info = json.loads((run / "sample.json").read_text())
-    assert info["guidance"]["name"] == "noisy_clip" and info["guided_steps"] == out.guided_steps == 6
+    assert info["guidance"]["name"] == "noisy_clip" and info["guidance"]["recurrence"] == 2  # the default
+    assert info["guided_steps"] == out.guided_steps == 2 * 3 * 2  # batches × guided steps (every 2nd of 6) × recurrence
