@@ -142,6 +142,18 @@ def read_marker(stage_dir: Path) -> dict:
     return json.loads(marker.read_text()) if marker.is_file() else {}
 
 
+def same_run(record: dict, args: list[str], inputs: dict[str, float | None]) -> bool:
+    """Whether a stage's marker is of a run with these arguments on these inputs (it can be reused)."""
+    return bool(record) and record.get("args") == args and record.get("inputs") == inputs
+
+
+def write_marker(stage_dir: Path, record: dict) -> None:
+    """The stage finished: its marker, written last and atomically (a stage without one is unfinished)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(stage_dir / MARKER, "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def input_stamps(cfg: DictConfig, deps: dict[str, list[str]], name: str, workdir: Path) -> dict[str, float | None]:
     """When each stage that ``name`` is after last finished (None: never), looking through in-process stages."""
     stamps: dict[str, float | None] = {}
@@ -168,7 +180,7 @@ class Stage:
 
     def reusable(self) -> dict | None:
         record = read_marker(self.dir)
-        if record and record.get("args") == self.args and record.get("inputs") == self.inputs:
+        if same_run(record, self.args, self.inputs):
             return {**record, "stage": self.name, "dir": self.dir, "reused": True}
         if record:
             changed = [d for d, t in self.inputs.items() if (record.get("inputs") or {}).get(d) != t]
@@ -192,11 +204,9 @@ class Stage:
 
     def finish(self) -> dict:
         seconds = round(time.time() - self.process.started, 1)
-        self.dir.mkdir(parents=True, exist_ok=True)
         record = {"args": self.args, "inputs": self.inputs, "command": self.shown, "seconds": seconds,
                   "threads": self.threads, "started": round(self.process.started, 2), "finished": round(time.time(), 2)}
-        with atomic_open(self.dir / MARKER, "w") as f:
-            json.dump(record, f, indent=1)
+        write_marker(self.dir, record)
         log.info("[%s] done in %.0f s", self.name, seconds)
         return {**record, "stage": self.name, "dir": self.dir, "reused": False}
 
@@ -293,16 +303,14 @@ def data_report(cfg: DictConfig, name: str, workdir: Path, out: Path, inputs: di
     stage_dir = workdir / name
     args = [f"{k}={override_value(v)}"
             for k, v in flatten({"data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed}).items()]
-    record = read_marker(stage_dir)
-    if (not rerun and record.get("args") == args and record.get("inputs") == inputs
-            and all((stage_dir / f).is_file() for f in REPORT_FILES)):
+    complete = all((stage_dir / f).is_file() for f in REPORT_FILES)
+    if not rerun and complete and same_run(read_marker(stage_dir), args, inputs):
         log.info("[%s] reused %s", name, stage_dir)
     else:
         started = time.time()
         make_data_report(cfg, stage_dir)
-        with atomic_open(stage_dir / MARKER, "w") as f:
-            json.dump({"args": args, "inputs": inputs, "seconds": round(time.time() - started, 1),
-                       "finished": round(time.time(), 2)}, f, indent=1)
+        write_marker(stage_dir, {"args": args, "inputs": inputs, "seconds": round(time.time() - started, 1),
+                                 "finished": round(time.time(), 2)})
     for f in REPORT_FILES:
         shutil.copyfile(stage_dir / f, out / f)
     log.info("contact sheet: %s", out / "contact_sheet.png")
