@@ -272,3 +272,44 @@ def test_non_square_images_are_stretched_with_a_warning_naming_one(flat_root: Pa
     srn._stretch_warned = False
     load_image(wide, 8)  # without the cache: the first one this process meets
     assert str(wide) in caplog.text and "24×16" in caplog.text
+
+
+def test_the_index_holds_the_views_paths_without_a_path_object_per_view(flat_root: Path, tmp_path: Path):
+    """The split index's paths are what listing the folders gives (sorted, per object in order), the cache key is
+    the one a list of those Paths gives (caches built before stay valid), and the index holds a few bytes per view:
+    the real set's 537,750 Paths would hold ~210 MB of every training process (README, "At the real scale")."""
+    import tracemalloc
+
+    from clipdiff.data.cache import cache_key
+    from clipdiff.data.srn import SrnObject, ViewPaths
+
+    (flat_root / "cars_train" / "a1" / "rgb" / "notes.txt").write_text("not a view")
+    idx = CarsDataModule(str(flat_root), cache_dir=str(tmp_path / "c")).index()["train"]
+    listed = [p for o in sorted((flat_root / "cars_train").iterdir()) for p in sorted((o / "rgb").glob("*.png"))]
+    assert list(idx.paths) == listed and idx.paths[1:3] == listed[1:3] and idx.paths[-1] == listed[-1]
+    assert list(idx.paths.strings()) == [str(p) for p in listed]
+    assert [idx.paths[int(i)].parent.parent.name for i in range(len(listed))] == \
+        [idx.objects[o].object_id for o in idx.object_index]
+    assert cache_key(idx.paths, 32) == cache_key(listed, 32)
+
+    names = tuple(f"{v:06d}.png" for v in range(250))
+    objects = [SrnObject(f"{i:032x}", tmp_path / "cars_train" / f"{i:032x}", names) for i in range(200)]
+    tracemalloc.start()
+    paths = ViewPaths(objects)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(paths) == 50_000 and paths[251] == objects[1].path / "rgb" / "000001.png"
+    assert held < 16 * len(paths)  # two int32 per view and the folders; 50,000 Paths hold ~20 MB
+
+
+def test_the_cache_serves_the_rows_asked_in_their_order_here_and_in_loader_workers(flat_root: Path, tmp_path: Path):
+    dm = CarsDataModule(str(flat_root), image_size=16, batch_size=4, cache_dir=str(tmp_path / "c"), progress=False)
+    dm.setup("fit")
+    packed = dm.datasets["train"].packed
+    rows = np.array([5, 0, 5, 3, len(packed) - 1])
+    assert np.array_equal(packed.gather(rows), np.asarray(packed.images)[rows])  # repeated, unsorted, the last
+    assert packed.gather(np.array([], dtype=np.int64)).shape == (0, 3, 16, 16)
+    here = [b["image"] for b in dm.train_dataloader()]
+    dm.hparams.num_workers = 1  # a forked worker opens its own file and threads
+    there = [b["image"] for b in dm.train_dataloader()]
+    assert len(here) == len(there) and all(torch.equal(a, b) for a, b in zip(here, there))

@@ -1,7 +1,7 @@
 """Packed image cache: every view decoded once into a uint8 memory-mapped array per split and size.
 
-The array is stored channels-first (``[N, 3, H, W]``), the layout a batch has, so serving a batch is one gather
-from the memmap and nothing else: the conversion to float happens after the batch reaches the training device
+The array is stored channels-first (``[N, 3, H, W]``), the layout a batch has, so serving a batch is one read per
+image straight into the batch (:meth:`PackedImages.gather`) and nothing else: the conversion to float happens after the batch reaches the training device
 (:meth:`~clipdiff.data.datamodule.CarsDataModule.on_after_batch_transfer`).
 
 A cache file is keyed by the image size and by the path, size and modification time of every input PNG, so it
@@ -17,35 +17,48 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from clipdiff.data.srn import load_image
+from clipdiff.data.srn import ViewPaths, load_image
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
 
+READ_THREADS = 4  # concurrent reads per batch: enough queue depth for a disk, little overhead from the page cache
 CACHE_VERSION = 3  # 2: channels-first; 3: 16-bit greyscale scaled, not clipped
 
 
-def cache_key(paths: Sequence[Path], size: int) -> str:
+def cache_key(paths: Iterable[str | Path], size: int) -> str:
     h = hashlib.sha1(f"v{CACHE_VERSION}|{size}".encode())
-    for p in paths:
+    for p in paths.strings() if isinstance(paths, ViewPaths) else paths:
         st = os.stat(p)
         h.update(f"|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def read_pool() -> ThreadPoolExecutor:
+    """The threads that read cache rows, one pool per process (threads do not survive a fork)."""
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        pool = _pools[os.getpid()] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read")
+    return pool
 
 
 class PackedImages:
     """``images[i]`` is the uint8 CHW array of ``paths[i]`` at ``size``×``size``; ``valid[i]`` says it decoded."""
 
     def __init__(self, paths: Sequence[Path], size: int, cache_dir: str | Path, name: str, progress: bool = True):
-        self.paths = [Path(p) for p in paths]
+        self.paths = paths if isinstance(paths, ViewPaths) else [Path(p) for p in paths]
         self.size = size
         key = cache_key(self.paths, size)
         cache_dir = Path(cache_dir)
@@ -67,9 +80,46 @@ class PackedImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The images at ``rows`` as uint8 ``[len(rows), 3, S, S]``: one ``preadv`` per image straight into the batch,
+        from a few threads. Indexing the memmap instead faults its pages in one at a time: on the real set's size at
+        128 px (24.6 GB, more than the 23 GB of RAM it was measured on) that served ~400 images/s against ~4,700 by
+        preadv from one thread; where the file is in the page cache both serve >100,000 (README, "At the real
+        scale")."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not hasattr(os, "preadv") or len(rows) == 0:
+            return self.images[rows]
+        out = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        fd, pool = self._reader()
+        offset, size = self.images.offset, out[0].nbytes
+
+        def read(part: range) -> None:
+            for k in part:
+                if os.preadv(fd, [out[k]], offset + int(rows[k]) * size) != size:
+                    raise ClipdiffError(f"{self.file}: shorter than its header says; delete it to rebuild")
+
+        step = -(-len(rows) // READ_THREADS)
+        list(pool.map(read, [range(i, min(i + step, len(rows))) for i in range(0, len(rows), step)]))
+        return out
+
+    def _reader(self) -> tuple[int, ThreadPoolExecutor]:
+        """This process's file descriptor and the process's read threads (a DataLoader worker opens its own)."""
+        if getattr(self, "_fd_pid", None) != os.getpid():
+            self._fd, self._fd_pid = os.open(self.file, os.O_RDONLY), os.getpid()
+        return self._fd, read_pool()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_fd_pid")}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd_pid", None) == os.getpid():
+            os.close(self._fd)
+
+
     def _build(self, progress: bool) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         n, s = len(self.paths), self.size
+        started = time.perf_counter()
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
         invalid: list[int] = []
@@ -106,6 +156,6 @@ class PackedImages:
                 len(invalid), ", ".join(str(self.paths[i]) for i in invalid[:3]), self.meta_file,
             )
         with atomic_open(self.meta_file, "w") as f:
-            json.dump({"size": s, "count": n, "invalid": invalid,
+            json.dump({"size": s, "count": n, "build_seconds": round(time.perf_counter() - started, 2), "invalid": invalid,
                        "invalid_paths": [str(self.paths[i]) for i in invalid],
                        "stretched_paths": [str(self.paths[i]) for i in sorted(stretched)]}, f)

@@ -34,7 +34,7 @@ from clipdiff.data.captions import load_split_labels
 from clipdiff.data.poses import camera_directions, load_matrices
 from clipdiff.data.resumable import ResumableLoader
 from clipdiff.data.sampler import DistinctCaptionBatchSampler
-from clipdiff.data.srn import SrnObject, check_root, load_image, scan_split
+from clipdiff.data.srn import SrnObject, ViewPaths, check_root, load_image, scan_split
 from clipdiff.data.vocab import Vocabulary
 from clipdiff.errors import ClipdiffError
 from clipdiff.utils.checks import count
@@ -52,19 +52,17 @@ class SplitIndex:
     name: str
     objects: list[SrnObject]
     captions: list[str] | None  # per object (None: captions not read)
-    paths: list[Path]  # per image
+    paths: ViewPaths  # per image (a Sequence[Path])
     object_index: np.ndarray  # per image
     view_index: np.ndarray  # per image
 
     @classmethod
     def build(cls, name: str, objects: list[SrnObject], captions: dict[str, str] | None) -> SplitIndex:
-        paths, obj, view = [], [], []
-        for i, o in enumerate(objects):
-            paths += o.views
-            obj += [i] * len(o.views)
-            view += range(len(o.views))
-        return cls(name, objects, None if captions is None else [captions[o.object_id] for o in objects], paths,
-                   np.asarray(obj, dtype=np.int64), np.asarray(view, dtype=np.int64))
+        counts = np.asarray([len(o.view_names) for o in objects], dtype=np.int64)
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # each image's object's first row
+        return cls(name, objects, None if captions is None else [captions[o.object_id] for o in objects],
+                   ViewPaths(objects), np.repeat(np.arange(len(objects), dtype=np.int64), counts),
+                   np.arange(int(counts.sum()), dtype=np.int64) - first)
 
 
 class CarsImages(Dataset):
@@ -101,11 +99,11 @@ class CarsImages(Dataset):
         return {k: v[0] if k in ("image", "pose") else int(v[0]) for k, v in item.items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """A whole batch at once (the DataLoader calls this): uint8 CHW images, one gather from the memmap."""
+        """A whole batch at once (the DataLoader calls this): uint8 CHW images, one read per image from the cache."""
         idx = np.asarray(indices, dtype=np.int64)
         rows = self.rows[idx]
         if self.packed is not None:
-            arr = self.packed.images[rows]
+            arr = self.packed.gather(rows)
         else:
             arr = np.stack([load_image(self.index.paths[r], self.image_size).transpose(2, 0, 1) for r in rows])
         batch = {"image": torch.from_numpy(arr)}

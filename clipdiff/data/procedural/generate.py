@@ -421,6 +421,10 @@ def render_dataset(
             sorted(Counter(s.caption for s in specs).items(), key=lambda kv: (-kv[1], kv[0]))
         ),
         "images": cfg.num_objects * cfg.views_per_object,
+        # how long this render took (not part of the config: reuse ignores it; a resumed render counts only the
+        # images of its last call). `python -m clipdiff.bench scale` reports it when it reuses a render
+        "timing": {"seconds": round(time.perf_counter() - start, 3), "images_written": written,
+                   "num_workers": workers, "resumed": state == "resume", "cpus": os.cpu_count()},
     }
     with atomic_open(out / MARKER, "w") as f:
         json.dump(summary, f, indent=2)
