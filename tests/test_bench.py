@@ -105,6 +105,8 @@ def test_gpu_dry_run_on_cpu():
     from clipdiff.bench.gpu import bench_gpu
 
     rows = well_formed(bench_gpu("cpu", "ddpm", 16, batch=2, steps=1, warmup=1, sample_batch=2, sample_steps=2), "gpu/")
-    assert {"gpu/ddpm_train_images_per_s_fp32", "gpu/ddpm_train_images_per_s_bf16_channels_last",
+    assert {"gpu/ddpm_train_images_per_s_fp32", "gpu/ddpm_train_images_per_s_bf16",
+            "gpu/ddpm_train_images_per_s_bf16_channels_last", "gpu/bf16_vs_fp32",
             "gpu/guided_sample_images_per_s"} <= set(rows)
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=False).returncode == 0
+    for script in ("gpu.sh", "gpu_preset.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=False).returncode == 0

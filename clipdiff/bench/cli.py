@@ -1,5 +1,6 @@
 """``python -m clipdiff.bench [--only data overhead sampling growth] [--quick] [--readme]``; ``--gpu`` for the GPU
-figures (``benchmarks/gpu.sh``); ``--readme-only`` copies the latest table into README.md without measuring."""
+figures (``benchmarks/gpu.sh``); ``--readme-only`` copies the latest table into README.md without measuring;
+``python -m clipdiff.bench scale`` measures the data layer at the real SRN size (:mod:`clipdiff.bench.scale`)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def run(name: str, a: argparse.Namespace, work: Path) -> list[Claim]:
 
         if q:
             return bench_gpu(a.gpu_device, "ddpm", 16, batch=2, steps=1, warmup=1, sample_batch=2, sample_steps=2)
-        return bench_gpu(a.gpu_device)
+        return bench_gpu(a.gpu_device, sample_batch=a.gpu_sample_batch)
     raise ClipdiffError(f"unknown benchmark {name}")
 
 
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", nargs="*", default=list(BENCHES), choices=list(BENCHES))
     ap.add_argument("--gpu", action="store_true", help="the GPU figures instead (benchmarks/gpu.sh)")
     ap.add_argument("--gpu-device", default="cuda", help="cpu + --quick: the dry run")
+    ap.add_argument("--gpu-sample-batch", type=int, default=256, help="gpu: images per guided sampling call")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path in seconds")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (recorded in the output)")
     ap.add_argument("--out", default="outputs/bench")
@@ -74,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:  # the real-size data layer (its own options: python -m clipdiff.bench scale --help)
+        from clipdiff.bench.scale import main as scale_main
+
+        return scale_main(argv[1:])
     args = parser().parse_args(argv)
     out = Path(args.out)
     try:
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(args.workdir or tmp)
             claims = [c for name in names for c in run(name, args, work)]
-        info = {"command": "python -m clipdiff.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        info = {"command": "python -m clipdiff.bench " + shlex.join(argv),
                 "threads": torch.get_num_threads(), "load_start": load_start, "load_end": load_average(),
                 "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}"}
         claims += [Claim("bench/torch_threads", info["threads"], None, f"threads ({info['machine']})"),

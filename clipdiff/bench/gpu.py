@@ -1,5 +1,6 @@
-"""GPU figures (``benchmarks/gpu.sh`` = ``python -m clipdiff.bench --gpu``): DDPM training images/s in fp32 vs
-bf16 autocast + channels-last, and guided sampling images/s (the default recipe: DDIM + noisy CLIP).
+"""GPU figures (``benchmarks/gpu.sh`` = ``python -m clipdiff.bench --gpu``): DDPM training images/s in fp32, in bf16
+autocast (what ``trainer=gpu`` runs) and in bf16 + channels-last, and guided sampling images/s (the default recipe:
+DDIM + noisy CLIP) at ``--gpu-sample-batch`` (256: the GPU preset's evaluation batch).
 
 Absolute rates, not ratios: a GPU run is not shared like the CPU machine. ``--gpu-device cpu`` with tiny sizes is
 the dry run the tests use (it checks the code path, not the speed).
@@ -20,16 +21,17 @@ def _sync(device: torch.device):
 
 
 def train_images_per_s(model: str, image_size: int, batch: int, steps: int, warmup: int, device: torch.device,
-                       fast: bool) -> float:
-    """Training steps (the module's loss, AdamW, EMA) per second × batch; ``fast`` = bf16 autocast + channels-last."""
+                       bf16: bool, channels_last: bool = False) -> float:
+    """Training steps (the module's loss, AdamW, EMA) per second × batch, in fp32 or bf16 autocast, channels-last or
+    not."""
     module = build_module(model, image_size).to(device)
-    if fast:
+    if channels_last:
         module.hparams.channels_last = True  # _prepare makes the inputs channels-last too
         module.unet.to(memory_format=torch.channels_last)
     runner = BareLoop(module, fake_batch(batch, image_size, 43), warmup + steps)
     runner.batches = ({k: v.to(device) for k, v in b.items()} for b in runner.batches)
     sync = _sync(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for _ in range(warmup):
             runner.step()
         sync()
@@ -56,11 +58,14 @@ def bench_gpu(device: str = "cuda", model: str = "ddpm_64", image_size: int = 64
               warmup: int = 3, sample_batch: int = 64, sample_steps: int | None = None) -> list[Claim]:
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
-    fp32 = train_images_per_s(model, image_size, batch, steps, warmup, dev, fast=False)
-    fast = train_images_per_s(model, image_size, batch, steps, warmup, dev, fast=True)
+    fp32 = train_images_per_s(model, image_size, batch, steps, warmup, dev, bf16=False)
+    bf16 = train_images_per_s(model, image_size, batch, steps, warmup, dev, bf16=True)
+    fast = train_images_per_s(model, image_size, batch, steps, warmup, dev, bf16=True, channels_last=True)
     where = f"{model} {image_size} px, batch {batch}, {name}"
     return [Claim("gpu/ddpm_train_images_per_s_fp32", fp32, None, f"images/s ({where})"),
+            Claim("gpu/ddpm_train_images_per_s_bf16", bf16, None, f"images/s ({where}; trainer=gpu)"),
             Claim("gpu/ddpm_train_images_per_s_bf16_channels_last", fast, None, f"images/s ({where})"),
+            Claim("gpu/bf16_vs_fp32", bf16 / fp32, None, "x"),
             Claim("gpu/bf16_channels_last_vs_fp32", fast / fp32, None, "x"),
             Claim("gpu/guided_sample_images_per_s", sample_images_per_s(model, image_size, sample_batch, dev,
                                                                         sample_steps), None,
