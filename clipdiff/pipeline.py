@@ -63,8 +63,23 @@ def stage_args(stage: DictConfig) -> list[str]:
     return [f"{k}={override_value(v)}" for k, v in args.items()]
 
 
-def stage_command(stage: DictConfig, stage_dir: Path) -> list[str]:
-    args = stage_args(stage)
+TRAINER_KEYS = ("devices", "num_nodes", "precision")
+
+
+def trainer_args(cfg: DictConfig) -> list[str]:
+    """The pipeline's ``trainer=`` choice as overrides for a training stage: the preset, then its devices, nodes and
+    precision as composed here (so ``trainer=ddp trainer.devices=4`` reaches every training stage). None chosen: []."""
+    if not cfg.get("trainer"):
+        return []
+    from clipdiff.utils.resolvers import group_choice
+
+    choice = group_choice("trainer", _root_=cfg)
+    return [f"trainer={choice}", *(f"trainer.{k}={override_value(cfg.trainer[k])}" for k in TRAINER_KEYS
+                                   if k in cfg.trainer)]
+
+
+def stage_command(stage: DictConfig, stage_dir: Path, args: list[str] | None = None) -> list[str]:
+    args = list(stage_args(stage) if args is None else args)
     if stage.get("hydra_run_dir", True):
         args.append(f"hydra.run.dir={stage_dir}")
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -171,10 +186,11 @@ class Stage:
     A finished stage is reused when its arguments are the same and every stage it is ``after`` is the very run it
     was built from (the marker keeps their finish times): a stage whose input was rebuilt runs again."""
 
-    def __init__(self, name: str, stage: DictConfig, workdir: Path, threads: int, inputs: dict[str, float | None]):
+    def __init__(self, name: str, stage: DictConfig, workdir: Path, threads: int, inputs: dict[str, float | None],
+                 extra_args: list[str] = ()):
         self.name, self.stage, self.dir, self.threads, self.inputs = name, stage, workdir / name, threads, inputs
-        self.args = stage_args(stage)
-        self.cmd = stage_command(stage, self.dir)
+        self.args = [*extra_args, *stage_args(stage)]  # the stage's own args come last: they win
+        self.cmd = stage_command(stage, self.dir, self.args)
         self.shown = " ".join(shlex.quote(c) for c in ["python", *self.cmd[1:]])
         self.process: LoggedProcess | None = None
 
@@ -247,6 +263,7 @@ def _run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready, stop
     todo, running, done, records = list(names), {}, set(), {}
     jobs = max(1, int(cfg.get("jobs") or 1))
     rerun = stage_selection(cfg, "rerun") or set()
+    trainer = trainer_args(cfg)
     while todo or running:
         if stop:
             stop_stages(running, stop[0], records)
@@ -261,7 +278,8 @@ def _run_stages(cfg: DictConfig, names: list[str], workdir: Path, on_ready, stop
                 on_ready(name)
                 done.add(name)
                 continue
-            st = Stage(name, stage, workdir, stage_threads(stage, cfg), input_stamps(cfg, deps, name, workdir))
+            st = Stage(name, stage, workdir, stage_threads(stage, cfg), input_stamps(cfg, deps, name, workdir),
+                       trainer if stage.command == "train" else ())
             reused = None if name in rerun else st.reusable()
             if reused:
                 log.info("[%s] reused %s", name, st.dir)

@@ -17,7 +17,7 @@ def composed(name: str, overrides: list[str]):
         return compose(name, overrides=overrides, return_hydra_config=True)
 
 
-@pytest.mark.parametrize("model", ["clip", "clip_vitb32", "noisy_clip", "ddpm", "ddpm_cond", "ddpm_64", "ddpm_128",
+@pytest.mark.parametrize("model", ["clip", "clip_vitb32", "noisy_clip", "ddpm", "ddpm_cond", "ddpm_64", "ddpm_cond_64", "ddpm_128",
                                    "judge"])
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim"])
 def test_train_composes(model: str, trainer: str):

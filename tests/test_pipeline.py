@@ -111,7 +111,7 @@ def test_a_stage_whose_input_was_rebuilt_runs_again(tmp_path: Path, monkeypatch,
 
     from clipdiff import pipeline
 
-    monkeypatch.setattr(pipeline, "stage_command", lambda stage, stage_dir: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(pipeline, "stage_command", lambda stage, stage_dir, args=None: [sys.executable, "-c", "pass"])
     stages = {"a": {"command": "train", "after": [], "args": {"x": 1}},
               "report": {"command": "data_report", "after": ["a"]},
               "b": {"command": "train", "after": ["report"], "args": {"y": 1}},
@@ -199,7 +199,7 @@ def test_a_failing_stage_stops_the_others_with_one_line(tmp_path: Path, monkeypa
     programs = {"bad": "import sys, time; time.sleep(1); sys.exit(3)",
                 "slow": f"import time; time.sleep(5); open({str(survived)!r}, 'w')"}
     monkeypatch.setattr(pipeline, "stage_command",
-                        lambda stage, stage_dir: [sys.executable, "-c", programs[stage_dir.name]])
+                        lambda stage, stage_dir, args=None: [sys.executable, "-c", programs[stage_dir.name]])
     stages = {"slow": {"command": "train", "after": []}, "bad": {"command": "train", "after": []}}
     t0 = time.time()
     with pytest.raises(ClipdiffError) as err:
@@ -267,7 +267,7 @@ def test_ctrl_c_is_passed_on_to_the_running_stages(tmp_path: Path, monkeypatch, 
     script = ("import pathlib, signal, sys, time\n"
               "def stop(s, f):\n    pathlib.Path(sys.argv[1]).write_text('saved'); sys.exit(143)\n"
               "signal.signal(signal.SIGTERM, stop)\npathlib.Path(sys.argv[2]).write_text('ready')\ntime.sleep(120)\n")
-    monkeypatch.setattr(pipeline, "stage_command", lambda stage, stage_dir: [
+    monkeypatch.setattr(pipeline, "stage_command", lambda stage, stage_dir, args=None: [
         sys.executable, "-c", script, str(stage_dir.parent / f"{stage_dir.name}.saved"),
         str(stage_dir.parent / f"{stage_dir.name}.ready")])
     stages = {"a": {"command": "train", "after": []}, "b": {"command": "train", "after": []},

@@ -1,7 +1,8 @@
 """open_clip models for clipdiff, and :class:`ClipClassifier`: a CLIP read as a classifier over the captions.
 
 * Architectures are open_clip JSON configs. The tiny ones shipped in ``clip_configs/`` (``clipdiff-tiny-32``,
-  ``clipdiff-tiny-64``) train on a CPU; open_clip's own (``ViT-B-32`` …) are there for GPUs.
+  ``clipdiff-tiny-64``) train on a CPU; ``clipdiff-vitb-64`` (ViT-B/32's size reading 64 px through 8 px patches: the
+  GPU preset's) and open_clip's own (``ViT-B-32`` …) are there for GPUs.
 * ``pretrained`` is ``None`` (random init) or a local weights file in one of open_clip's formats
   (``.pt``/``.bin``/``.safetensors``/``.npz``, an OpenAI JIT file, a state_dict or ``{"state_dict": …}``).
   Hub tags such as ``openai`` need a network; here they fail with a ClipdiffError naming the config key.
