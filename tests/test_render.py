@@ -27,7 +27,7 @@ from clipdiff.data.procedural import (
     sample_specs,
     split_counts,
 )
-from clipdiff.data.procedural.generate import MARKER, PARTIAL_MARKER
+from clipdiff.data.procedural.generate import MARKER, PARTIAL_MARKER, TIMING
 from clipdiff.data.procedural.raster import project, rasterise
 from clipdiff.data.srn import read_intrinsics, read_pose, scan_split
 from clipdiff.data.vocab import BODY_TYPES, caption_prior, parse_caption
@@ -51,7 +51,9 @@ def _render(out: Path, **kw):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes but the render's timing record (how long it took: it differs between equal renders)."""
+    assert (root / TIMING).is_file()
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != TIMING}
 
 
 def _side_mask(

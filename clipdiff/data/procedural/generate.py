@@ -7,6 +7,7 @@
     OUT/cars_train/<object_id>/intrinsics.txt      "f cx cy 0." / "0. 0. 0." / "1." / "H W"
     OUT/cars_val/…  OUT/cars_test/…
     OUT/ground_truth.tsv                           object_id, split, caption, colours, body_type
+    OUT/render_timing.json                         how long it took (the one file that differs between equal renders)
     OUT/render.json                                the render config; written last: no file, no dataset
 
 Captions are drawn from the 43 captions of the original hand labels (:func:`clipdiff.data.vocab.caption_prior`)
@@ -53,6 +54,7 @@ DEFAULT_SPLITS: dict[str, float] = {"cars_train": 0.8, "cars_val": 0.1, "cars_te
 ELEVATION_RANGE = (5.0, 60.0)
 MARKER = "render.json"
 PARTIAL_MARKER = ".render.partial.json"
+TIMING = "render_timing.json"  # how long the render took: the one file that differs between identical renders
 GROUND_TRUTH = "ground_truth.tsv"
 GROUND_TRUTH_COLUMNS = ("object_id", "split", "caption", "colours", "body_type")
 
@@ -421,11 +423,12 @@ def render_dataset(
             sorted(Counter(s.caption for s in specs).items(), key=lambda kv: (-kv[1], kv[0]))
         ),
         "images": cfg.num_objects * cfg.views_per_object,
-        # how long this render took (not part of the config: reuse ignores it; a resumed render counts only the
-        # images of its last call). `python -m clipdiff.bench scale` reports it when it reuses a render
-        "timing": {"seconds": round(time.perf_counter() - start, 3), "images_written": written,
-                   "num_workers": workers, "resumed": state == "resume", "cpus": os.cpu_count()},
     }
+    # how long it took, beside the marker (whose bytes, like every data file's, depend only on the config): a
+    # resumed render counts only its last call's images. `python -m clipdiff.bench scale` reports it on reuse
+    with atomic_open(out / TIMING, "w") as f:
+        json.dump({"seconds": round(time.perf_counter() - start, 3), "images_written": written, "num_workers": workers,
+                   "resumed": state == "resume", "cpus": os.cpu_count()}, f, indent=2)
     with atomic_open(out / MARKER, "w") as f:
         json.dump(summary, f, indent=2)
     (out / PARTIAL_MARKER).unlink(missing_ok=True)
