@@ -78,8 +78,10 @@ def trainer_args(cfg: DictConfig) -> list[str]:
                                    if k in cfg.trainer)]
 
 
-def stage_command(stage: DictConfig, stage_dir: Path, args: list[str] | None = None) -> list[str]:
-    args = list(stage_args(stage) if args is None else args)
+def stage_command(stage: DictConfig, stage_dir: Path, args: list[str]) -> list[str]:
+    """``python -m clipdiff.<command> args…`` with the stage's run directory and, for an interrupted training stage,
+    the checkpoint it continues from."""
+    args = list(args)
     if stage.get("hydra_run_dir", True):
         args.append(f"hydra.run.dir={stage_dir}")
     last = stage_dir / "checkpoints" / "last.ckpt"

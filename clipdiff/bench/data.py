@@ -25,13 +25,16 @@ def render_bench_set(root: Path, num_objects: int, views: int, image_size: int =
     return root
 
 
-def datamodule(root: Path, size: int, cached: bool, cache_dir: Path, splits: dict | None = None, **kw):
+def datamodule(root: Path, size: int, cached: bool, cache_dir: Path, splits: dict | None = None, prepare: bool = True,
+               **kw):
+    """The benchmark sets' DataModule (batches of 64, ground-truth captions); ``prepare``: its data read and set up."""
     from clipdiff.data.datamodule import CarsDataModule
 
     dm = CarsDataModule(str(root), captions=str(root / "ground_truth.tsv"), splits=splits or {"train": "cars_train"},
                         image_size=size, batch_size=64, cache=cached, cache_dir=str(cache_dir), progress=False, **kw)
-    dm.prepare_data()
-    dm.setup("fit")
+    if prepare:
+        dm.prepare_data()
+        dm.setup("fit")
     return dm
 
 

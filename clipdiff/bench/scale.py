@@ -36,6 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clipdiff.bench.common import Claim, interleaved, load_average, timed
+from clipdiff.bench.data import datamodule
 from clipdiff.bench.report import table, update_readme, write
 from clipdiff.errors import ClipdiffError
 
@@ -51,13 +52,12 @@ def render_set(root: Path, objects: int, views: int, workers: int) -> tuple[floa
     """Render (or reuse) ``objects`` × ``views`` at 128 px into ``root``; (seconds, images) of the render that made it
     (None when the marker does not say)."""
     from clipdiff.data.procedural import render_dataset
-    from clipdiff.data.procedural.generate import TIMING, read_render_config
+    from clipdiff.data.procedural.generate import TIMING
 
     result = render_dataset(root, num_objects=objects, views_per_object=views, image_size=128, seed=0, splits=SPLITS,
                             num_workers=workers)
     if not result.reused:
         return result.seconds, result.num_images
-    read_render_config(root)
     timing_file = root / TIMING
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     if timing.get("resumed") or not timing.get("seconds"):
@@ -65,18 +65,10 @@ def render_set(root: Path, objects: int, views: int, workers: int) -> tuple[floa
     return float(timing["seconds"]), int(timing["images_written"])
 
 
-def datamodule(root: Path, size: int, cache_dir: Path | None, batch_size: int = 64, **kw):
-    from clipdiff.data.datamodule import CarsDataModule
-
-    return CarsDataModule(str(root), captions=str(root / "ground_truth.tsv"), splits={"train": "cars_train"},
-                          image_size=size, batch_size=batch_size, cache=cache_dir is not None,
-                          cache_dir=None if cache_dir is None else str(cache_dir), **kw)
-
-
 def build_caches(root: Path, sizes: list[int], cache_dir: Path) -> list[Claim]:
     from clipdiff.data.cache import PackedImages
 
-    paths = datamodule(root, sizes[0], cache_dir).index()["train"].paths
+    paths = datamodule(root, sizes[0], True, cache_dir, prepare=False).index()["train"].paths
     claims = []
     for size in sizes:
         say(f"packed cache at {size} px ({len(paths):,} images)")
@@ -99,9 +91,7 @@ def first_batch_child(root: Path, size: int, cache_dir: Path) -> None:
     torch.set_num_threads(1)
     imported = time.perf_counter() - t0
     t1 = time.perf_counter()
-    dm = datamodule(root, size, cache_dir, progress=False)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = datamodule(root, size, True, cache_dir)  # indexed, the cache opened, set up
     next(iter(dm.train_dataloader()))
     print(json.dumps({"import": imported, "first_batch": time.perf_counter() - t1}))
 
@@ -112,13 +102,13 @@ def first_batch(root: Path, size: int, cache_dir: Path) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def train_peak_anon_mib(root: Path, cache_dir: Path, steps: int, work: Path) -> tuple[float, float]:
+def train_peak_anon_mib(root: Path, cache_dir: Path, steps: int, run_dir: Path) -> tuple[float, float]:
     """Peak RssAnon (MiB) of ``python -m clipdiff.train model=ddpm`` on ``root`` for ``steps`` steps, polled every
     50 ms from outside, and its wall seconds."""
     cmd = [sys.executable, "-m", "clipdiff.train", "model=ddpm", f"data.root={root}", f"data.cache_dir={cache_dir}",
            "~data.splits.val", "~data.splits.test", "trainer.limit_val_batches=0", f"trainer.max_steps={steps}",
            "data.batch_size=32", "data.image_size=32", "logger=none", "callbacks=none", "model.sample_every_n_epochs=null",
-           "trainer.enable_progress_bar=false", f"hydra.run.dir={tempfile.mkdtemp(dir=work)}"]
+           "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -152,10 +142,7 @@ def loader_rates(root: Path, size: int, cache_dir: Path, budget: float, label: s
     training process after its first epochs); a larger one is read from disk, as training would."""
     from clipdiff.bench.data import images_per_second
 
-    dms = {"png": datamodule(root, size, None, progress=False), "cache": datamodule(root, size, cache_dir, progress=False)}
-    for dm in dms.values():
-        dm.prepare_data()
-        dm.setup("fit")
+    dms = {"png": datamodule(root, size, False, cache_dir), "cache": datamodule(root, size, True, cache_dir)}
     packed = dms["cache"].datasets["train"].packed
     if not packed.from_disk:
         warm(packed.file)
@@ -172,8 +159,7 @@ def loader_rates(root: Path, size: int, cache_dir: Path, budget: float, label: s
 def sampler_times(root: Path, cache_dir: Path, batch_size: int) -> list[Claim]:
     from clipdiff.data.sampler import DistinctCaptionBatchSampler
 
-    dm = datamodule(root, 32, cache_dir, progress=False)
-    dm.setup("fit")
+    dm = datamodule(root, 32, True, cache_dir)
     captions = dm.datasets["train"].caption_ids
     batch_size = min(batch_size, len(set(captions.tolist())))
     t0 = time.perf_counter()
@@ -209,8 +195,7 @@ def parser() -> argparse.ArgumentParser:
 def measure(a: argparse.Namespace) -> list[Claim]:
     big = Path(a.root or f"outputs/data/scale_{a.objects}x{a.views}")
     small = big.parent / f"scale_{a.small_objects}x{a.small_views}"
-    cache_dir, out = Path(a.cache_dir), Path(a.out)
-    work = Path(tempfile.mkdtemp(prefix="scale-", dir=out))
+    cache_dir = Path(a.cache_dir)
     claims: list[Claim] = []
     for root, objects, views in ((big, a.objects, a.views), (small, a.small_objects, a.small_views)):
         say(f"render {objects} objects × {views} views at 128 px → {root}")
@@ -223,7 +208,8 @@ def measure(a: argparse.Namespace) -> list[Claim]:
     say("index")
     import clipdiff.data.datamodule  # noqa: F401  (its imports are not indexing)
 
-    index = statistics.median(timed(lambda: datamodule(big, 32, cache_dir, progress=False).index()) for _ in range(3))
+    index = statistics.median(timed(lambda: datamodule(big, 32, True, cache_dir, prepare=False).index())
+                              for _ in range(3))
     claims.append(Claim("index/seconds", index, None, f"s: folder scan + label join of {n_big:,} images (median of 3)"))
     claims += build_caches(big, a.sizes, cache_dir)
     say("first batch from the existing cache (fresh process)")
@@ -240,9 +226,10 @@ def measure(a: argparse.Namespace) -> list[Claim]:
     claims += sampler_times(big, cache_dir, 32)
     peaks = {}
     for root, n in ((small, a.small_objects * a.small_views), (big, n_big)):
-        datamodule(root, 32, cache_dir, progress=True).prepare_data()  # its 32 px cache, so the run only reads it
+        datamodule(root, 32, True, cache_dir)  # its 32 px cache, so the run only reads it
         say(f"memory: {a.train_steps} DDPM training steps on {n:,} images")
-        peaks[n], secs = train_peak_anon_mib(root, cache_dir, a.train_steps, work)
+        with tempfile.TemporaryDirectory(prefix="scale-train-") as run_dir:  # the training run's outputs: not kept
+            peaks[n], secs = train_peak_anon_mib(root, cache_dir, a.train_steps, Path(run_dir))
         claims.append(Claim(f"memory/train_peak_rss_anon_mib@{n}img", peaks[n], None,
                             f"MiB, python -m clipdiff.train model=ddpm, {a.train_steps} steps ({secs:.0f} s)"))
     ratio = peaks[n_big] / peaks[a.small_objects * a.small_views]

@@ -1,8 +1,8 @@
 """Packed image cache: every view decoded once into a uint8 memory-mapped array per split and size.
 
 The array is stored channels-first (``[N, 3, H, W]``), the layout a batch has, so serving a batch is one read per
-image straight into the batch (:meth:`PackedImages.gather`) and nothing else: the conversion to float happens after the batch reaches the training device
-(:meth:`~clipdiff.data.datamodule.CarsDataModule.on_after_batch_transfer`).
+image straight into the batch (:meth:`PackedImages.gather`) and nothing else: the conversion to float happens after
+the batch reaches the training device (:meth:`~clipdiff.data.datamodule.CarsDataModule.on_after_batch_transfer`).
 
 A cache file is keyed by the image size and by the path, size and modification time of every input PNG, so it
 is rebuilt exactly when its inputs change. It is written to a temporary file and renamed into place, so an
